@@ -1,0 +1,1 @@
+"""Shared infrastructure below every other layer: the config system."""

@@ -1,0 +1,369 @@
+"""The one config system of flowscale: typed sections, YAML presets, dotted overrides.
+
+A job's config is a tree of pydantic models (``JobConfig``). It is built from a YAML preset (which may
+name a ``base:`` preset it extends) plus ``section.key=value`` overrides from the command line, then
+validated as a whole. Every unknown or misspelled key is an error that names the dotted key and the
+closest valid ones; every bad value names its key. The fully resolved config is what gets saved with a
+run and logged to MLflow (``dump_config``).
+
+This module sits at the bottom of the layering: it imports nothing from the rest of the project.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRESET_DIR = REPO_ROOT / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used: the message says which key, which value and what to do."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+class ModelConfig(Section):
+    """The MM-DiT (SD3 sizing: hidden = head_dim * depth, depth heads)."""
+
+    depth: int = Field(24, ge=1, description="d: joint blocks and attention heads; hidden = head_dim * d")
+    head_dim: int = Field(64, ge=8, description="per-head width (64 in SD3)")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width over model width")
+    in_channels: int = Field(16, ge=1, description="latent channels in (16 for the SD3 VAE)")
+    out_channels: int = Field(16, ge=1, description="channels predicted (velocity), usually = in_channels")
+    patch_size: int = Field(2, ge=1, description="square patch side of the Conv2d patchifier")
+    pooled_dim: int = Field(2048, ge=1, description="pooled text embedding width (CLIP-L + CLIP-G = 2048)")
+    context_dim: int = Field(4096, ge=1, description="text token width (T5-XXL = 4096)")
+    pos_embed_max_size: int = Field(192, ge=1, description="side of the 2D sin-cos table, in patches")
+    time_scale: float = Field(
+        1000.0, gt=0, description="network sees time_scale * t; sCD differentiates through it"
+    )
+    time_freq_dim: int = Field(256, ge=2, description="sinusoidal width of the timestep embedding")
+    qkv_bias: bool = Field(True, description="bias on the qkv projections (SD3: on)")
+    qk_norm: bool = Field(True, description="per-head RMSNorm on q and k (SD3 8B: on; stabilises bf16)")
+
+    @property
+    def hidden_size(self) -> int:
+        return self.head_dim * self.depth
+
+    @property
+    def num_heads(self) -> int:
+        return self.depth
+
+    @model_validator(mode="after")
+    def _even_freq(self) -> "ModelConfig":
+        if self.time_freq_dim % 2:
+            raise ValueError(f"model.time_freq_dim must be even, got {self.time_freq_dim}")
+        return self
+
+
+class FlowConfig(Section):
+    """The rectified-flow objective (SD3 section 3)."""
+
+    timestep_sampler: Literal["logit_normal", "mode", "cosmap", "uniform"] = Field(
+        "logit_normal", description="training-time density of t (SD3 ranks logit_normal(0, 1) best)"
+    )
+    logit_mean: float = Field(0.0, description="m of logit-normal(m, s); m < 0 favours data, m > 0 noise")
+    logit_std: float = Field(1.0, gt=0, description="s of logit-normal(m, s)")
+    mode_scale: float = Field(1.29, description="s of mode-with-heavy-tails; valid in [-1, 2/(pi-2)]")
+    shift: float = Field(1.0, gt=0, description="resolution shift alpha applied to training timesteps")
+    text_dropout: float = Field(
+        0.1, ge=0, le=1, description="per-sample probability of replacing the text with the empty caption"
+    )
+
+    @model_validator(mode="after")
+    def _mode_range(self) -> "FlowConfig":
+        hi = 2.0 / (math.pi - 2.0)
+        if self.timestep_sampler == "mode" and not (-1.0 <= self.mode_scale <= hi):
+            raise ValueError(
+                f"flow.mode_scale={self.mode_scale} is outside [-1, {hi:.4f}] where the mode map is monotone"
+            )
+        return self
+
+
+class OptimConfig(Section):
+    """AdamW with linear warmup and a decay schedule."""
+
+    lr: float = Field(1e-4, gt=0, description="peak learning rate")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (not on norms/biases)")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 to lr")
+    schedule: Literal["constant", "cosine", "linear"] = Field("constant", description="decay after warmup")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of the peak")
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
+    ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA of the weights used for sampling")
+    ema_warmup: bool = Field(True, description="use min(decay, (1+n)/(10+n)) so early EMA tracks the model")
+
+
+class DataConfig(Section):
+    """Where batches come from (Arrow shards; see dataloaders/)."""
+
+    url: str = Field("", description="manifest URL of the dataset (any fsspec URL; empty = job default)")
+    resolution: int = Field(256, ge=1, description="pixel resolution the latents come from (for FLOPs)")
+    latent_size: int = Field(32, ge=1, description="latent side (H = W) fed to the model")
+    text_tokens: int = Field(154, ge=1, description="text sequence length (77 CLIP + 77 T5 in SD3)")
+    shuffle: bool = Field(True, description="deterministic shard + block shuffling, seeded by seed and epoch")
+    shuffle_block_size: int = Field(4096, ge=1, description="samples per shuffle block")
+    num_workers: int = Field(2, ge=0, description="loader worker processes per rank (spawn)")
+    prefetch: int = Field(4, ge=0, description="batches prefetched per worker")
+    cache_dir: str = Field("", description="local shard cache directory; empty disables the cache")
+    cache_bytes: int = Field(0, ge=0, description="byte budget of the local cache (0 = unbounded)")
+    on_corrupt: Literal["fail", "skip"] = Field("fail", description="what to do with a corrupt shard")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options")
+
+
+class TrainConfig(Section):
+    """The training loop."""
+
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    global_batch_size: int = Field(256, ge=1, description="samples per step over all ranks")
+    seed: int = Field(0, description="seeds init, data order and the per-rank noise/timestep streams")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast on CUDA with bf16 support, fp32 elsewhere"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    log_every: int = Field(10, ge=1, description="steps between metric reports")
+    eval_every: int = Field(500, ge=0, description="steps between validation/sample grids; 0 = end only")
+    val_batches: int = Field(2, ge=0, description="batches of the fixed validation set")
+    val_timesteps: list[float] = Field(
+        [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875],
+        description="fixed t values of the validation loss (one bucket each)",
+    )
+    activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
+    compile: bool = Field(False, description="torch.compile each joint block")
+    max_nonfinite_steps: int = Field(
+        20, ge=1, description="consecutive non-finite steps that stop the job"
+    )
+    peak_tflops: float = Field(
+        0.0, ge=0, description="device peak for MFU; 0 = known GPU table (989 for H100/H200 bf16)"
+    )
+
+    @model_validator(mode="after")
+    def _timesteps_in_range(self) -> "TrainConfig":
+        bad = [t for t in self.val_timesteps if not 0.0 <= t <= 1.0]
+        if bad:
+            raise ValueError(f"train.val_timesteps must lie in [0, 1], got {bad}")
+        return self
+
+
+class SampleConfig(Section):
+    """Euler sampling for evaluation grids."""
+
+    steps: int = Field(28, ge=1, description="Euler steps")
+    cfg: float = Field(5.0, ge=0, description="classifier-free guidance weight w")
+    shift: float = Field(1.0, gt=0, description="sigma-grid shift (SD3 uses 3.0 at 1024^2)")
+    prompts: list[str] = Field(default_factory=list, description="captions of the evaluation grid")
+    num_per_prompt: int = Field(4, ge=1, description="samples per prompt in the grid")
+
+
+class JobConfig(Section):
+    """A whole job."""
+
+    name: str = Field("flowscale", description="experiment name (MLflow experiment, run-name prefix)")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    flow: FlowConfig = Field(default_factory=FlowConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+
+    @model_validator(mode="after")
+    def _grid_fits(self) -> "JobConfig":
+        m, d = self.model, self.data
+        if d.latent_size % m.patch_size:
+            raise ValueError(
+                f"data.latent_size={d.latent_size} is not divisible by model.patch_size={m.patch_size}"
+            )
+        if d.latent_size // m.patch_size > m.pos_embed_max_size:
+            raise ValueError(
+                f"data.latent_size={d.latent_size} gives a {d.latent_size // m.patch_size}-patch grid, larger "
+                f"than model.pos_embed_max_size={m.pos_embed_max_size}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overriding, dumping
+# --------------------------------------------------------------------------------------------------
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return None
+
+
+def all_keys(model: type[BaseModel] = JobConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of a config schema, e.g. ``model.depth``."""
+    keys = []
+    for name, info in model.model_fields.items():
+        sub = _section_type(info.annotation)
+        if sub is not None:
+            keys.extend(all_keys(sub, f"{prefix}{name}."))
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _suggest(key: str, model: type[BaseModel], prefix: str) -> str:
+    local = difflib.get_close_matches(key.rsplit(".", 1)[-1], _field_names(model), n=3, cutoff=0.5)
+    everywhere = difflib.get_close_matches(prefix + key, all_keys(), n=3, cutoff=0.6)
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in all_keys() if k.rsplit(".", 1)[-1] == leaf]
+    options = [f"{prefix}{k}" for k in local] + everywhere + same_leaf
+    seen: list[str] = []
+    for o in options:
+        if o not in seen and o != prefix + key:
+            seen.append(o)
+    return f"; did you mean {', '.join(seen[:4])}?" if seen else ""
+
+
+def check_keys(data: dict, model: type[BaseModel] = JobConfig, prefix: str = "", source: str = "") -> None:
+    """Raise ConfigError for the first key that the schema does not have, with the closest valid ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}{prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    for key, value in data.items():
+        if key not in model.model_fields:
+            raise ConfigError(f"{source}unknown config key '{prefix}{key}'{_suggest(str(key), model, prefix)}")
+        sub = _section_type(model.model_fields[key].annotation)
+        if sub is not None and value is not None:
+            check_keys(value, sub, f"{prefix}{key}.", source)
+
+
+def _resolve_preset(name: str | Path) -> Path:
+    p = Path(name)
+    candidates = [p, PRESET_DIR / p, PRESET_DIR / f"{p}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c
+    available = sorted(q.stem for q in PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"config preset '{name}' not found (looked in {PRESET_DIR}); presets: {available}")
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_preset(name: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """The raw mapping of a YAML preset, with its ``base:`` chain merged underneath it."""
+    path = _resolve_preset(name).resolve()
+    if path in _seen:
+        raise ConfigError(f"config preset {path} extends itself through 'base:'")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top, got {type(data).__name__}")
+    base = data.pop("base", None)
+    check_keys(data, source=f"{path}: ")
+    if base is not None:
+        base_path = path.parent / base if not Path(base).is_absolute() else Path(base)
+        if not base_path.exists():
+            base_path = _resolve_preset(base)
+        data = _deep_merge(read_preset(base_path, _seen + (path,)), data)
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``model.depth=38`` -> (['model', 'depth'], 38). Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    out = _deep_merge({}, data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node: dict = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{part}' is a value, not a section")
+        node[path[-1]] = value
+        check_keys(out, source=f"override '{text}': ")
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        value = e.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        lines.append(f"  {loc}: {e['msg']}{shown}")
+    return f"invalid config{source}:\n" + "\n".join(lines)
+
+
+def build_config(data: dict, source: str = "") -> JobConfig:
+    check_keys(data, source=f"{source}: " if source else "")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, f" from {source}" if source else "")) from None
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+    """A validated JobConfig from a preset name or YAML path plus dotted ``key=value`` overrides."""
+    data = read_preset(preset) if preset is not None else {}
+    data = apply_overrides(data, list(overrides))
+    return build_config(data, source=str(preset) if preset is not None else "defaults")
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """The fully resolved config as YAML (what is saved with every run)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flat_params(cfg: BaseModel) -> dict[str, str]:
+    """The resolved config as flat ``section.key -> str`` pairs (MLflow params)."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix.rstrip(".")] = str(node)
+
+    walk(cfg.model_dump(mode="json"), "")
+    return out
