@@ -1,0 +1,297 @@
+"""The training loop, shared by every recipe and every launcher.
+
+The same ``Trainer`` runs in one process, under ``torchrun``, and inside Ray Train workers: it reads rank
+and world size from ``torch.distributed``, shards with FSDP2 when there is more than one rank, and talks
+to the outside world only through ``TrainHooks`` (metrics, evaluation images, checkpoints). It never
+imports Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from infra.config import JobConfig
+from trainer import flops
+from trainer.optim import EMA, build_optimizer, build_scheduler
+from trainer.parallelize import materialize, parallelize, world
+from trainer.rng import RankStreams
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class Recipe(Protocol):
+    name: str
+
+    def build_model(self) -> nn.Module: ...
+
+    def loss(self, model: nn.Module, batch: dict, streams: RankStreams) -> tuple[torch.Tensor, dict]: ...
+
+    def validation_losses(self, model: nn.Module, batches: list[dict], seed: int) -> dict[str, torch.Tensor]: ...
+
+
+class TrainHooks:
+    """What a launcher plugs into the loop. Every method is called on every rank."""
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        """Reduced metrics after a logged step."""
+
+    def on_eval(self, step: int, metrics: dict[str, float], images: torch.Tensor | None) -> None:
+        """Validation metrics and, on rank 0, the sample grid's images (N, C, H, W) in [0, 1]."""
+
+    def should_checkpoint(self, step: int, final: bool) -> bool:
+        return False
+
+    def on_checkpoint(self, step: int, trainer: "Trainer") -> None:
+        """Save ``trainer.state_dict()`` (all ranks participate)."""
+
+
+def resolve_device(cfg: JobConfig) -> torch.device:
+    if cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local = dist.get_rank() % torch.cuda.device_count() if dist.is_initialized() else 0
+    return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else local)
+
+
+def resolve_precision(cfg: JobConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast dtype, or None for fp32. ``auto`` picks bf16 on CUDA devices that support it."""
+    if cfg.train.precision == "fp32":
+        return None
+    if cfg.train.precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {
+        k: (v.to(device, non_blocking=True).float() if torch.is_tensor(v) and v.is_floating_point()
+            else v.to(device) if torch.is_tensor(v) else v)
+        for k, v in batch.items()
+    }
+
+
+@dataclass
+class StepTimer:
+    """Accumulates step and data-wait time between two log lines."""
+
+    steps: int = 0
+    samples: int = 0
+    step_time: float = 0.0
+    data_wait: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def reset(self) -> None:
+        self.steps = self.samples = 0
+        self.step_time = self.data_wait = 0.0
+        self.started = time.perf_counter()
+
+
+class Trainer:
+    """Builds the model (meta -> parallelize -> materialize), optimizer, schedule and EMA, then trains."""
+
+    def __init__(self, cfg: JobConfig, recipe: Recipe, hooks: TrainHooks | None = None):
+        self.cfg, self.recipe, self.hooks = cfg, recipe, hooks or TrainHooks()
+        self.rank, self.world_size = world()
+        self.device = resolve_device(cfg)
+        self.amp_dtype = resolve_precision(cfg, self.device)
+        if cfg.train.global_batch_size % self.world_size:
+            raise ValueError(
+                f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by the "
+                f"{self.world_size} data-parallel ranks"
+            )
+        self.local_batch = cfg.train.global_batch_size // self.world_size
+        model = recipe.build_model()
+        self.model = materialize(parallelize(model, cfg, self.amp_dtype), self.device, cfg.train.seed)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
+        self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_warmup)
+        self.streams = RankStreams(cfg.train.seed, self.rank, self.device)
+        self.step = 0
+        self.nonfinite_total = 0
+        self.nonfinite_run = 0
+        img, txt = flops.tokens(cfg)
+        self.tokens_per_sample = img + txt
+        self.flops_per_sample = flops.training_flops_per_sample(cfg.model, img, txt)
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.peak_flops = flops.peak_tflops_for(name, cfg.train.peak_tflops) * 1e12
+
+    # ---- state ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs except the loader (which the launcher adds). DCP-friendly."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "ema": self.ema.state_dict(),
+            "progress": {
+                "step": torch.tensor(self.step),
+                "nonfinite_total": torch.tensor(self.nonfinite_total),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.ema.load_state_dict(state["ema"])
+        self.step = int(state["progress"]["step"])
+        self.nonfinite_total = int(state["progress"]["nonfinite_total"])
+
+    # ---- one step ---------------------------------------------------------------------------------
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Forward, backward, clip, guard, optimizer step. Returns unreduced local tensors."""
+        self.model.train()
+        self.streams.at_step(self.step)
+        with self.autocast():
+            loss, aux = self.recipe.loss(self.model, batch, self.streams)
+        loss.backward()
+        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss.detach()))
+        if finite:
+            self.optimizer.step()
+            self.ema.update(self.model)
+            self.nonfinite_run = 0
+        else:
+            # Global grad norm is the same on every rank, so every rank skips together.
+            self.nonfinite_total += 1
+            self.nonfinite_run += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        if self.nonfinite_run >= self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{self.nonfinite_run} consecutive non-finite steps ending at step {self.step} "
+                f"(loss {float(loss):.4g}, grad norm {float(grad_norm):.4g}); stopping. The last "
+                f"checkpoint is intact; lower optim.lr or check the data"
+            )
+        return {"loss": loss.detach().float(), "grad_norm": grad_norm.detach().float(), **aux}
+
+    # ---- evaluation -------------------------------------------------------------------------------
+
+    def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        return values
+
+    def validate(self, batches: list[dict]) -> dict[str, float]:
+        if not batches:
+            return {}
+        self.model.eval()
+        with self.autocast():
+            sums = self.recipe.validation_losses(self.model, batches, self.cfg.train.seed)
+        keys = list(sums)
+        count = sum(b["latent"].shape[0] for b in batches)
+        totals = self.all_reduce_sum(torch.stack([torch.as_tensor(sums[k]).float() for k in keys] + [
+            torch.tensor(float(count), device=self.device)]).to(self.device))
+        per_bucket = {f"val/loss_t{k}": float(totals[i] / totals[-1]) for i, k in enumerate(keys)}
+        per_bucket["val/loss"] = sum(per_bucket.values()) / len(keys)
+        return per_bucket
+
+    @torch.no_grad()
+    def sample_ema(self, context: torch.Tensor, pooled: torch.Tensor, seed: int, **kwargs) -> torch.Tensor:
+        """Samples from the EMA weights (swapped in and back), every rank computing the same batch."""
+        backup = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self.ema.copy_to(self.model)
+        self.model.eval()
+        try:
+            gen = torch.Generator(device=self.device).manual_seed(seed)
+            with self.autocast():
+                return self.recipe.sample(self.model, context.to(self.device), pooled.to(self.device), gen, **kwargs)
+        finally:
+            for n, p in self.model.named_parameters():
+                p.copy_(backup[n])
+
+    # ---- the loop ---------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        batches: Iterator[dict],
+        val_batches: list[dict] | None = None,
+        eval_condition: tuple[torch.Tensor, torch.Tensor] | None = None,
+        to_image=None,
+    ) -> dict[str, float]:
+        """Train until ``train.steps``. ``eval_condition`` = (context, pooled) of the evaluation grid's
+        prompts; ``to_image`` maps sampled latents to images in [0, 1] for the grid."""
+        cfg = self.cfg.train
+        val_batches = [to_device(b, self.device) for b in (val_batches or [])]
+        timer, last = StepTimer(), {}
+        it = iter(batches)
+        while self.step < cfg.steps:
+            t0 = time.perf_counter()
+            batch = to_device(next(it), self.device)
+            t1 = time.perf_counter()
+            local = self.train_step(batch)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t2 = time.perf_counter()
+            timer.steps += 1
+            timer.samples += cfg.global_batch_size
+            timer.data_wait += t1 - t0
+            timer.step_time += t2 - t0
+            final = self.step == cfg.steps
+            if self.step % cfg.log_every == 0 or final:
+                last = self.log_metrics(local, timer)
+                self.hooks.on_log(self.step, last)
+                timer.reset()
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or final:
+                self.evaluate(val_batches, eval_condition, to_image)
+            if self.hooks.should_checkpoint(self.step, final):
+                self.hooks.on_checkpoint(self.step, self)
+        return last
+
+    def log_metrics(self, local: dict[str, torch.Tensor], timer: StepTimer) -> dict[str, float]:
+        names = sorted(local)
+        reduced = self.all_reduce_sum(torch.stack([local[k].to(self.device).float() for k in names]))
+        metrics = {k: float(reduced[i]) / self.world_size for i, k in enumerate(names)}
+        metrics["grad_norm"] = float(local["grad_norm"])  # already global
+        elapsed = max(time.perf_counter() - timer.started, 1e-9)
+        samples_per_s = timer.samples / elapsed
+        metrics.update({
+            "lr": self.scheduler.get_last_lr()[0],
+            "samples_per_s": samples_per_s,
+            "tokens_per_s": samples_per_s * self.tokens_per_sample,
+            "step_time_s": timer.step_time / max(timer.steps, 1),
+            "data_wait_fraction": timer.data_wait / max(timer.step_time, 1e-9),
+            "peak_memory_gib": peak_memory_gib(self.device),
+            "nonfinite_steps": float(self.nonfinite_total),
+        })
+        if self.peak_flops:
+            metrics["mfu"] = samples_per_s * self.flops_per_sample / (self.peak_flops * self.world_size)
+        return metrics
+
+    def evaluate(self, val_batches, eval_condition, to_image) -> None:
+        metrics = self.validate(val_batches)
+        images = None
+        if eval_condition is not None:
+            latents = self.sample_ema(*eval_condition, seed=self.cfg.train.seed)
+            images = to_image(latents) if to_image else latents
+        self.hooks.on_eval(self.step, metrics, images if self.rank == 0 else None)
+

@@ -1,0 +1,80 @@
+"""Activation checkpointing, per-block compile and FSDP2, applied in that order (the torchtitan order).
+
+Works under plain ``torchrun``, Ray Train workers, or a single process (where only checkpointing and
+compile apply). The model arrives on the meta device; ``materialize`` allocates and initialises it after
+sharding, so no rank ever holds the full unsharded model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from infra.config import JobConfig
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, or (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    for i, block in enumerate(model.joint_blocks):
+        model.joint_blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    for block in model.joint_blocks:
+        block.compile(fullgraph=False)
+
+
+def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> None:
+    """fully_shard each joint block, then the embedders and the final layer, then the root."""
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    blocks = list(model.joint_blocks)
+    for i, block in enumerate(blocks):
+        # The last block is needed again first in backward: keep it gathered after forward.
+        fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
+    for name in ("x_embedder", "t_embedder", "y_embedder", "context_embedder", "final_layer"):
+        fully_shard(getattr(model, name), mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    if dist.get_backend() == "gloo":
+        # pytorch#162338: FSDP2's reduce-scatter with AVG on gloo can return the sum. Reduce with SUM
+        # and divide ourselves, so gradients equal a 1-process run on every backend.
+        for module in model.modules():
+            if hasattr(module, "set_force_sum_reduction_for_comms"):
+                module.set_force_sum_reduction_for_comms(True)
+                module.set_gradient_divide_factor(float(dist.get_world_size()))
+
+
+def parallelize(model: nn.Module, cfg: JobConfig, param_dtype: torch.dtype | None) -> nn.Module:
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        apply_compile(model)
+    if world()[1] > 1:
+        apply_fsdp(model, param_dtype)
+    return model
+
+
+def _assign(param: nn.Parameter, full: torch.Tensor) -> None:
+    """Copy a full initial value into a parameter, or into just its local shard when it is a DTensor."""
+    if isinstance(param, DTensor):
+        # src_data_rank=None: every rank holds the same full value and keeps its own slice, no comms.
+        shard = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.data.copy_(full.to(param.device))
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int) -> nn.Module:
+    """Allocate a meta-built (possibly sharded) model on ``device`` and set its initial weights."""
+    model.to_empty(device=device)
+    model.init_weights(seed, assign=_assign)
+    return model
