@@ -126,6 +126,10 @@ class DataConfig(Section):
     cache_bytes: int = Field(0, ge=0, description="byte budget of the local cache (0 = unbounded)")
     on_corrupt: Literal["fail", "skip"] = Field("fail", description="what to do with a corrupt shard")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec storage options")
+    retries: int = Field(5, ge=0, description="retries with backoff of a failed shard read before the job fails")
+    timeout_s: float = Field(30.0, gt=0, description="seconds an S3 request may stall before it is retried")
+    fetch_threads: int = Field(8, ge=1, description="concurrent shard fetches per worker (more hides more latency)")
+    verify_checksums: bool = Field(True, description="check each shard's sha256 (~1.7 GB/s per core) before use")
 
 
 class TrainConfig(Section):

@@ -1,0 +1,373 @@
+"""The streaming loader: a dataset's global order, split across ranks and workers, with exact resume.
+
+The contract:
+- ``GlobalOrder`` (sampler/order.py) fixes one sample sequence per epoch, epochs laid end to end.
+- Global batch ``i`` is stream positions ``[i*G, (i+1)*G)``; rank ``r`` of ``W`` takes the contiguous slice
+  ``[i*G + r*B, i*G + (r+1)*B)`` with ``B = G // W``.
+- A rank's ``K`` loader workers take its batches round-robin (worker ``w`` builds local batches
+  ``j = w, w+K, ...``) and torch's DataLoader hands them back in order, so ``K`` changes nothing either.
+- The state is the number of samples the whole job has consumed (plus what identifies the order). It is
+  the same on every rank, so a job resumed on another number of ranks, with the same ``G``, continues the
+  same global sequence: every sample of an epoch exactly once, in the same order.
+
+Inside a worker, a lookahead of planned batches decides which shards to fetch; a thread pool fetches them
+while earlier batches are being used (S3 latency stays off the training step), and a shard is released
+once no planned batch needs it. Batches keep the stored dtypes (bf16 stays bf16: half the bytes through
+the worker queue); ``sample_id`` is int64 and ``caption`` a list of str.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dataloaders import storage
+from dataloaders.cache import ShardCache
+from dataloaders.columns import ColumnSpec, to_torch
+from dataloaders.errors import CorruptShardError, DataError, ManifestError, SchemaMismatchError
+from dataloaders.manifest import Manifest, manifest_url, parse_manifest
+from dataloaders.sampler.order import GlobalOrder
+from dataloaders.shards.reader import ShardReader
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclass
+class ReadOptions:
+    """How shards are read; travels (as plain data) to every worker process."""
+
+    storage_options: dict = field(default_factory=dict)
+    retries: int = 5
+    timeout_s: float = storage.DEFAULT_TIMEOUT_S
+    fetch_threads: int = 8
+    cache_dir: str = ""
+    cache_bytes: int = 0
+    on_corrupt: str = "fail"
+    verify_checksums: bool = True
+
+
+def open_dataset(url: str, storage_options: dict | None = None, retries: int = 5,
+                 timeout_s: float = storage.DEFAULT_TIMEOUT_S) -> "StreamingDataset":
+    """Read and validate a dataset's manifest (``url`` is the dataset root or its manifest)."""
+    if not url:
+        raise ManifestError("no dataset URL given (set data.url to a dataset root or manifest URL)")
+    murl = manifest_url(url)
+    fs, path = storage.filesystem(murl, storage_options, timeout_s)
+    try:
+        text = storage.read_bytes(fs, path, murl, retries)
+    except DataError as e:
+        raise ManifestError(f"cannot read the manifest of dataset {url}: {e}") from e
+    return StreamingDataset(parse_manifest(text, murl), storage_options or {})
+
+
+class StreamingDataset:
+    """An opened dataset: its manifest, and the loaders, empty condition and encoder that go with it."""
+
+    def __init__(self, manifest: Manifest, storage_options: dict | None = None):
+        self.manifest = manifest
+        self.storage_options = storage_options or {}
+
+    def __len__(self) -> int:
+        return self.manifest.num_samples
+
+    def loader(self, *, rank: int, world_size: int, global_batch_size: int, seed: int, shuffle: bool = True,
+               shuffle_block_size: int = 4096, num_workers: int = 0, prefetch: int = 4,
+               read: ReadOptions | None = None) -> "StreamingLoader":
+        order = GlobalOrder([s.rows for s in self.manifest.shards], seed, shuffle, shuffle_block_size)
+        read = read or ReadOptions(storage_options=self.storage_options)
+        return StreamingLoader(self.manifest, order, read, rank=rank, world_size=world_size,
+                               global_batch_size=global_batch_size, num_workers=num_workers, prefetch=prefetch)
+
+    def empty_condition(self, read: ReadOptions | None = None) -> dict[str, torch.Tensor]:
+        """The stored encoding of the empty caption: ``text_tokens`` (L, C), ``text_pooled`` (C,)."""
+        info = self.manifest.empty_condition
+        if info is None:
+            raise ManifestError(f"dataset {self.manifest.url} stores no empty-caption encoding")
+        specs = [ColumnSpec("text_tokens", "tensor", c.dtype, c.shape) if c.name == "text_tokens" else
+                 ColumnSpec("text_pooled", "tensor", c.dtype, c.shape)
+                 for c in self.manifest.columns if c.name in ("text_tokens", "text_pooled")]
+        read = read or ReadOptions(storage_options=self.storage_options)
+        reader = ShardReader(self.manifest, read.storage_options, read.retries, read.timeout_s)
+        shard = reader.read(info, specs)
+        return {s.name: to_torch(s, np.array(shard.columns[s.name][0])) for s in specs}
+
+
+def empty_condition(source: str | StreamingDataset, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
+    """The encoding of the empty caption "" stored with a dataset (a URL or an opened dataset)."""
+    ds = source if isinstance(source, StreamingDataset) else open_dataset(source, storage_options)
+    return ds.empty_condition()
+
+
+# --------------------------------------------------------------------------------------------------
+# One rank's batches, built inside one worker
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Plan:
+    position: int  # stream position of the batch's first sample (this rank's slice)
+    shards: np.ndarray
+    rows: np.ndarray
+
+
+class RankBatches(IterableDataset):
+    """This rank's batches from ``start`` on; in a worker process, only that worker's share of them.
+
+    Picklable (plain data only), so spawn workers can receive it; each builds its own filesystem.
+    """
+
+    def __init__(self, manifest: Manifest, order: GlobalOrder, read: ReadOptions, *, rank: int, world_size: int,
+                 global_batch_size: int, start: int, lookahead: int):
+        self.manifest = manifest
+        self.order = order
+        self.read = read
+        self.rank = rank
+        self.global_batch_size = global_batch_size
+        self.batch_size = global_batch_size // world_size
+        self.start = start
+        self.lookahead = lookahead
+
+    def _position(self, j: int) -> int:
+        return self.start + j * self.global_batch_size + self.rank * self.batch_size
+
+    def _plan(self, j: int) -> _Plan:
+        pos = self._position(j)
+        _, shards, rows = self.order.locate(pos, self.batch_size)
+        return _Plan(pos, shards, rows)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        cache = (ShardCache(self.read.cache_dir, self.manifest.fingerprint, self.read.cache_bytes)
+                 if self.read.cache_dir else None)
+        reader = ShardReader(self.manifest, self.read.storage_options, self.read.retries, self.read.timeout_s,
+                             cache, self.read.verify_checksums)
+        pool = ThreadPoolExecutor(self.read.fetch_threads, thread_name_prefix="shard-fetch")
+        try:
+            yield from self._batches(reader, pool, worker, workers)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _batches(self, reader: ShardReader, pool: ThreadPoolExecutor, worker: int, workers: int):
+        shards = self.manifest.shards
+        resident: dict[int, Future] = {}
+        uses: Counter = Counter()  # shard -> planned batches that still need it
+        planned: deque[_Plan] = deque()
+        bad: set[int] = set()
+        next_j = worker
+        while True:
+            while len(planned) < self.lookahead:
+                plan = self._plan(next_j)
+                next_j += workers
+                planned.append(plan)
+                for s in dict.fromkeys(plan.shards.tolist()):  # first-use order
+                    uses[s] += 1
+                    if s not in resident:
+                        resident[s] = pool.submit(reader.read, shards[s])
+            plan = planned.popleft()
+            yield self._assemble(plan, resident, bad)
+            for s in set(plan.shards.tolist()):
+                uses[s] -= 1
+                if uses[s] == 0:
+                    del uses[s]
+                    resident.pop(s).cancel()
+
+    def _assemble(self, plan: _Plan, resident: dict[int, Future], bad: set[int]) -> dict[str, Any]:
+        keep = np.ones(len(plan.shards), bool)
+        decoded = {}
+        skipped: dict[str, int] = {}
+        for s in dict.fromkeys(plan.shards.tolist()):
+            try:
+                decoded[s] = resident[s].result()
+            except (CorruptShardError, SchemaMismatchError) as e:
+                if self.read.on_corrupt != "skip":
+                    raise
+                if s not in bad:
+                    log.warning("skipping the samples of a bad shard: %s", e)
+                    bad.add(s)
+                mask = plan.shards == s
+                keep &= ~mask
+                skipped[self.manifest.shards[s].path] = int(mask.sum())
+        shards, rows = plan.shards[keep], plan.rows[keep]
+        batch: dict[str, Any] = {}
+        for spec in self.manifest.columns:
+            if spec.kind == "string":
+                batch[spec.name] = [decoded[s].columns[spec.name][r] for s, r in zip(shards.tolist(), rows.tolist())]
+                continue
+            first = decoded[shards[0]].columns[spec.name] if len(shards) else None
+            dtype = first.dtype if first is not None else np.float32
+            out = np.empty((len(shards),) + spec.shape, dtype)
+            for s in np.unique(shards):
+                at = np.flatnonzero(shards == s)
+                out[at] = decoded[int(s)].columns[spec.name][rows[at]]
+            batch[spec.name] = to_torch(spec, out)
+        batch["_position"] = plan.position
+        batch["_skipped"] = skipped
+        return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader the trainer holds
+# --------------------------------------------------------------------------------------------------
+
+
+class StreamingLoader:
+    """Infinite iterable of this rank's batches, with ``state_dict``/``load_state_dict`` (JSON-able)."""
+
+    def __init__(self, manifest: Manifest, order: GlobalOrder, read: ReadOptions, *, rank: int, world_size: int,
+                 global_batch_size: int, num_workers: int = 0, prefetch: int = 4):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if global_batch_size % world_size:
+            raise ValueError(
+                f"train.global_batch_size={global_batch_size} is not divisible by the {world_size} data-parallel "
+                f"ranks; choose a global batch size that is a multiple of the rank count"
+            )
+        if read.on_corrupt not in ("fail", "skip"):
+            raise ValueError(f"data.on_corrupt must be 'fail' or 'skip', got {read.on_corrupt!r}")
+        self.manifest = manifest
+        self.order = order
+        self.read = read
+        self.rank = rank
+        self.world_size = world_size
+        self.global_batch_size = global_batch_size
+        self.batch_size = global_batch_size // world_size
+        self.num_workers = num_workers
+        self.prefetch = prefetch
+        self.samples_seen = 0  # by the whole job, in the global stream
+        self.skipped: Counter = Counter()  # shard path -> samples this rank skipped (on_corrupt=skip)
+        self._live: Iterator | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return self.order.num_samples
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next sample to be yielded."""
+        return self.samples_seen // self.order.num_samples
+
+    @property
+    def samples_seen_in_epoch(self) -> int:
+        return self.samples_seen % self.order.num_samples
+
+    def _lookahead(self) -> int:
+        # Enough planned batches that every batch a worker builds inside one shuffle block is planned at
+        # once: a shard is then fetched once per block, not once per batch.
+        per_block = math.ceil(self.order.block_size / (self.global_batch_size * max(1, self.num_workers)))
+        return max(1, self.prefetch, per_block + 1)
+
+    def _source(self) -> Iterator[dict[str, Any]]:
+        batches = RankBatches(self.manifest, self.order, self.read, rank=self.rank, world_size=self.world_size,
+                              global_batch_size=self.global_batch_size, start=self.samples_seen,
+                              lookahead=self._lookahead())
+        if self.num_workers == 0:
+            return iter(batches)
+        return iter(DataLoader(batches, batch_size=None, num_workers=self.num_workers,
+                               prefetch_factor=max(1, self.prefetch), multiprocessing_context="spawn",
+                               persistent_workers=False))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self.close()  # one live stream per loader; a new iter() continues from samples_seen
+        self._live = self._iterate()
+        return self._live
+
+    def _iterate(self) -> Iterator[dict[str, Any]]:
+        source = self._source()
+        try:
+            for batch in source:
+                expected = self.samples_seen + self.rank * self.batch_size
+                position = int(batch.pop("_position"))
+                if position != expected:
+                    raise RuntimeError(f"loader order broken: batch at stream position {position}, expected {expected}")
+                for path, n in dict(batch.pop("_skipped")).items():
+                    self.skipped[path] += n
+                    log.warning("dataset %s: skipped %d samples of corrupt shard %s (%d skipped in total)",
+                                self.manifest.url, n, path, sum(self.skipped.values()))
+                self.samples_seen += self.global_batch_size
+                yield batch
+        finally:
+            if hasattr(source, "_shutdown_workers"):  # DataLoader iterator: stop the worker processes
+                source._shutdown_workers()
+            elif hasattr(source, "close"):  # in-process generator: stop its fetch threads
+                source.close()
+
+    def close(self) -> None:
+        """Stop the live stream and its worker processes (iteration can start again afterwards)."""
+        if self._live is not None:
+            self._live.close()
+            self._live = None
+
+    # -------------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Plain JSON-able state; identical on every rank (samples consumed by the whole job)."""
+        return {
+            "version": STATE_VERSION,
+            "samples_seen": self.samples_seen,
+            "epoch": self.epoch,
+            "global_batch_size": self.global_batch_size,
+            "num_samples": self.order.num_samples,
+            "seed": self.order.seed,
+            "shuffle": self.order.shuffle,
+            "shuffle_block_size": self.order.block_size,
+            "dataset": self.manifest.fingerprint,
+            "skipped_samples": int(sum(self.skipped.values())),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where ``state`` left off; any world size and worker count, same order settings."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        mine = self.state_dict()
+        for key, what in (("dataset", "dataset (manifest fingerprint)"), ("seed", "train.seed"),
+                          ("shuffle", "data.shuffle"), ("shuffle_block_size", "data.shuffle_block_size")):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"cannot resume the data order of dataset {self.manifest.url}: the checkpoint's {what} is "
+                    f"{state.get(key)!r}, this job's is {mine[key]!r}; resuming would repeat or skip samples"
+                )
+        if state["samples_seen"] % self.global_batch_size:
+            log.warning("resuming with global batch %d after %d samples (checkpoint batch %d): same order, but "
+                        "batch boundaries move", self.global_batch_size, state["samples_seen"],
+                        state["global_batch_size"])
+        self.close()
+        self.samples_seen = int(state["samples_seen"])
+
+
+def build_loader(cfg, *, rank: int, world_size: int, global_batch_size: int, seed: int) -> StreamingLoader:
+    """The training loader for ``cfg`` (an ``infra.config.DataConfig``); an empty ``cfg.url`` means the
+    digits demo dataset, prepared locally on first use."""
+    url = cfg.url
+    if not url:
+        from dataloaders.prepare import ensure_digits
+
+        url = ensure_digits()
+    read = ReadOptions(storage_options=dict(cfg.storage_options), retries=cfg.retries, timeout_s=cfg.timeout_s,
+                       fetch_threads=cfg.fetch_threads, cache_dir=cfg.cache_dir, cache_bytes=cfg.cache_bytes,
+                       on_corrupt=cfg.on_corrupt, verify_checksums=cfg.verify_checksums)
+    ds = open_dataset(url, read.storage_options, read.retries, read.timeout_s)
+    _check_shapes(ds.manifest, cfg)
+    return ds.loader(rank=rank, world_size=world_size, global_batch_size=global_batch_size, seed=seed,
+                     shuffle=cfg.shuffle, shuffle_block_size=cfg.shuffle_block_size, num_workers=cfg.num_workers,
+                     prefetch=cfg.prefetch, read=read)
+
+
+def _check_shapes(manifest: Manifest, cfg) -> None:
+    """The dataset must hold what the config promises the model (latent side, text length)."""
+    latent = manifest.column("latent").shape
+    tokens = manifest.column("text_tokens").shape
+    if latent[-1] != cfg.latent_size or latent[-2] != cfg.latent_size:
+        raise ValueError(f"dataset {manifest.url} has latents of shape {list(latent)}, but data.latent_size="
+                         f"{cfg.latent_size}")
+    if tokens[0] != cfg.text_tokens:
+        raise ValueError(f"dataset {manifest.url} has {tokens[0]} text tokens per sample, but data.text_tokens="
+                         f"{cfg.text_tokens}")

@@ -1,0 +1,1 @@
+"""Reading one shard: fetch (cache or storage), verify, decode."""

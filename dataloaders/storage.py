@@ -1,0 +1,111 @@
+"""Object storage access: one fsspec filesystem per process, retries with backoff, clear errors.
+
+Credentials and endpoints come the standard ways: AWS env vars / profiles (botocore's own chain),
+``AWS_ENDPOINT_URL`` for S3-compatible servers, and fsspec ``storage_options``. The filesystem is never
+shared across processes: s3fs/aiobotocore hold an event loop and sockets that do not survive a fork
+(s3fs #914, fsspec #835), so every loader worker builds its own, bypassing fsspec's instance cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from typing import Any, Callable, TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from dataloaders.errors import StorageAccessError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Seconds a single S3 request may stall before it is abandoned and retried (a stalled socket would
+# otherwise hang an epoch forever).
+DEFAULT_TIMEOUT_S = 30.0
+
+
+def filesystem(url: str, storage_options: dict[str, Any] | None = None,
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[fsspec.AbstractFileSystem, str]:
+    """A fresh filesystem for ``url`` and the path inside it."""
+    options = dict(storage_options or {})
+    protocol = url.split("://", 1)[0] if "://" in url else "file"
+    if protocol in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint and "endpoint_url" not in options and "endpoint_url" not in options.get("client_kwargs", {}):
+            options["endpoint_url"] = endpoint
+        config = dict(options.get("config_kwargs", {}))
+        config.setdefault("connect_timeout", timeout_s)
+        config.setdefault("read_timeout", timeout_s)
+        options["config_kwargs"] = config
+    options.setdefault("skip_instance_cache", True)
+    return url_to_fs(url, **options)
+
+
+def join(root: str, relative: str) -> str:
+    return f"{root.rstrip('/')}/{relative}"
+
+
+def classify(err: BaseException, url: str) -> StorageAccessError | None:
+    """A permanent storage error as a user-facing one; None for errors worth retrying."""
+    if isinstance(err, FileNotFoundError):
+        return StorageAccessError(f"object {url} does not exist (missing shard or wrong dataset URL)")
+    if isinstance(err, PermissionError):
+        return StorageAccessError(
+            f"access to {url} was denied ({err}); check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_PROFILE "
+            f"or data.storage_options"
+        )
+    text = str(err)
+    if "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text or "AccessDenied" in text:
+        return StorageAccessError(f"access to {url} was denied ({text}); check the credentials")
+    return None
+
+
+def with_retries(action: Callable[[], T], url: str, retries: int, what: str = "read",
+                 is_transient: Callable[[BaseException], bool] = lambda e: True) -> T:
+    """Run ``action``; retry transient failures with exponential backoff (0.1 s doubling, capped at 5 s)."""
+    for attempt in range(retries + 1):
+        try:
+            return action()
+        except Exception as e:  # noqa: BLE001 - storage clients raise many unrelated types
+            permanent = classify(e, url)
+            if permanent is not None:
+                raise permanent from e
+            if not is_transient(e):
+                raise
+            if attempt == retries:
+                raise StorageAccessError(
+                    f"could not {what} {url} after {retries + 1} attempts; last error: {type(e).__name__}: {e}"
+                ) from e
+            delay = min(5.0, 0.1 * 2**attempt) * (0.5 + random.random())
+            log.warning("%s %s failed (%s: %s); retry %d/%d in %.2fs", what, url, type(e).__name__, e,
+                        attempt + 1, retries, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str, url: str, retries: int) -> bytes:
+    return with_retries(lambda: fs.cat_file(path), url, retries)
+
+
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, retries: int = 3) -> None:
+    """Write an object so readers see either nothing or all of it.
+
+    An S3 PUT is atomic by itself; on a local or other filesystem write a hidden temporary name first and
+    rename it into place.
+    """
+    if _is_object_store(fs):
+        with_retries(lambda: fs.pipe_file(path, data), path, retries, what="write")
+        return
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    tmp = f"{parent}/.tmp-{os.getpid()}-{random.getrandbits(40):x}-{path.rsplit('/', 1)[-1]}"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
+
+
+def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return any(p in ("s3", "s3a", "gs", "gcs", "abfs", "az") for p in protocols)

@@ -1,0 +1,30 @@
+"""Small datasets shared by the loader tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dataloaders.writer import DatasetWriter
+
+
+def write_small(url: str, n: int = 300, shard_rows: int = 32, storage_options: dict | None = None) -> str:
+    """A tiny dataset whose every column is a function of sample_id (so any mix-up is visible)."""
+    ids = np.arange(n, dtype=np.int64)
+    with DatasetWriter(url, shard_rows=shard_rows, storage_options=storage_options,
+                       text_encoder={"name": "demo", "settings": {"tokens": 3, "width": 4}}) as w:
+        w.set_empty_condition(torch.zeros(3, 4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16))
+        w.write({
+            "sample_id": ids,
+            "latent": torch.arange(n * 2 * 2 * 2, dtype=torch.float32).reshape(n, 2, 2, 2).to(torch.bfloat16),
+            "text_tokens": torch.from_numpy(np.repeat(ids[:, None, None], 12, 1).reshape(n, 3, 4).astype(np.float32)),
+            "text_pooled": torch.from_numpy(np.repeat(ids[:, None], 4, 1).astype(np.float16)),
+            "caption": [f"caption {i}" for i in ids],
+        })
+    return w.url
+
+
+@pytest.fixture
+def small_local(tmp_path) -> str:
+    return write_small(str(tmp_path / "small"))
