@@ -1,12 +1,11 @@
-"""Attention for flowscale: the single entry point every model layer calls."""
+"""Attention for flowscale: the single entry point every model layer calls, and its fused JVP.
 
-import torch
-import torch.nn.functional as F
+``attention(q, k, v)``      - softmax attention (SDPA primal) usable under ``torch.func.jvp`` and backward;
+``attention_jvp(q, k, v, dq, dk, dv)`` - (out, dout) in one pass, Triton on CUDA, streamed PyTorch elsewhere.
+Triton is imported only when its backend is used.
+"""
 
+from kernels.attention import AttentionWithJVP, attention
+from kernels.jvp import BACKEND_ENV, BACKENDS, attention_jvp, select_backend
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax attention, shapes (B, heads, S, head_dim), scale 1/sqrt(head_dim), no mask."""
-    return F.scaled_dot_product_attention(q, k, v)
-
-
-__all__ = ["attention"]
+__all__ = ["attention", "attention_jvp", "AttentionWithJVP", "select_backend", "BACKENDS", "BACKEND_ENV"]
