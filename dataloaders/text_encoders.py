@@ -75,10 +75,10 @@ _ENCODERS = {DemoTextEncoder.name: DemoTextEncoder}
 def text_encoder_from_record(record: dict, *, where: str = "manifest"):
     """The encoder a manifest's ``text_encoder`` record describes."""
     name = record.get("name")
-    if name == "sd3":
-        from dataloaders.encoders import SD3TextEncoder
+    if name == "sd3":  # text encoders only: prompts need no VAE
+        from dataloaders.encoders import SD3Encoder
 
-        return SD3TextEncoder(**record.get("settings", {}))
+        return SD3Encoder.from_local(**record.get("settings", {}))
     if name not in _ENCODERS:
         raise ValueError(f"{where} records text encoder {name!r}; known: {sorted(_ENCODERS) + ['sd3']}")
     return _ENCODERS[name](**record.get("settings", {}))
