@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -273,7 +274,7 @@ class StreamingLoader:
         if self.num_workers == 0:
             return iter(batches)
         return iter(DataLoader(batches, batch_size=None, num_workers=self.num_workers,
-                               prefetch_factor=max(1, self.prefetch), multiprocessing_context="spawn",
+                               prefetch_factor=max(1, self.prefetch), multiprocessing_context=worker_context(),
                                persistent_workers=False))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -341,6 +342,18 @@ class StreamingLoader:
                         state["global_batch_size"])
         self.close()
         self.samples_seen = int(state["samples_seen"])
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Where loader workers come from: a forkserver that has imported torch and this package once.
+
+    Not plain fork: s3fs/aiobotocore event loops and sockets do not survive a fork (s3fs #914). The
+    forkserver is a clean single-threaded process, so forking it is safe, and it saves every new worker the
+    seconds spawn spends re-importing torch. Workers build their own filesystem on first use.
+    """
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "pyarrow", "dataloaders.dataset"])
+    return ctx
 
 
 def build_loader(cfg, *, rank: int, world_size: int, global_batch_size: int, seed: int) -> StreamingLoader:

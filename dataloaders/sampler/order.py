@@ -31,8 +31,19 @@ class GlobalOrder:
         self.seed = int(seed) & _MASK
         self.shuffle = shuffle
         self.block_size = block_size
+        self._make_caches()
+
+    def _make_caches(self) -> None:
         self._epoch_layout = lru_cache(maxsize=2)(self._layout)
         self._block_perm = lru_cache(maxsize=64)(self._permutation)
+
+    # Sent to spawn workers as plain data; each process rebuilds its own caches.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_epoch_layout", "_block_perm")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_caches()
 
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, *keys])
