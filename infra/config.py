@@ -176,6 +176,39 @@ class SampleConfig(Section):
     num_per_prompt: int = Field(4, ge=1, description="samples per prompt in the grid")
 
 
+class CheckpointConfig(Section):
+    """Sharded DCP checkpoints of the whole training state."""
+
+    every: int = Field(500, ge=0, description="steps between checkpoints; 0 = only at the end")
+    keep: int = Field(3, ge=1, description="checkpoints kept (older ones are deleted by Ray Train)")
+
+
+class ClusterConfig(Section):
+    """The Ray Train worker group."""
+
+    num_workers: int = Field(2, ge=1, description="data-parallel workers (one process each)")
+    use_gpu: bool = Field(False, description="one GPU per worker and NCCL; False = CPU workers and gloo")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker")
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
+
+
+class RunStorageConfig(Section):
+    """Where a run lives (checkpoints, resolved config, sample grids)."""
+
+    name: str = Field("", description="run name; relaunching with the same name resumes it. Empty = generated")
+    storage_path: str = Field("", description="local directory or s3://bucket/prefix; empty = ./runs")
+    s3_endpoint: str = Field("", description="S3-compatible endpoint URL for s3:// storage (else AWS_ENDPOINT_URL)")
+
+
+class TrackingConfig(Section):
+    """MLflow tracking (rank 0 only, never blocking training)."""
+
+    enabled: bool = Field(True, description="log params, metrics, grids and checkpoint URIs to MLflow")
+    tracking_uri: str = Field("", description="MLflow tracking URI; empty = sqlite file beside the runs")
+    experiment: str = Field("", description="MLflow experiment; empty = the config's name")
+    system_metrics: bool = Field(True, description="log CPU/GPU/memory system metrics with the run")
+
+
 class JobConfig(Section):
     """A whole job."""
 
@@ -186,6 +219,10 @@ class JobConfig(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    run: RunStorageConfig = Field(default_factory=RunStorageConfig)
+    mlflow: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _grid_fits(self) -> "JobConfig":

@@ -21,7 +21,7 @@ import torch.nn as nn
 from infra.config import JobConfig
 from trainer import flops
 from trainer.optim import EMA, build_optimizer, build_scheduler
-from trainer.parallelize import materialize, parallelize, world
+from trainer.parallelize import materialize, parallelize, reshard, world
 from trainer.rng import RankStreams
 
 
@@ -135,26 +135,13 @@ class Trainer:
 
     # ---- state ------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs except the loader (which the launcher adds). DCP-friendly."""
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "ema": self.ema.state_dict(),
-            "progress": {
-                "step": torch.tensor(self.step),
-                "nonfinite_total": torch.tensor(self.nonfinite_total),
-            },
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.ema.load_state_dict(state["ema"])
-        self.step = int(state["progress"]["step"])
-        self.nonfinite_total = int(state["progress"]["nonfinite_total"])
+    def set_step(self, step: int) -> None:
+        """Resume at ``step``: the LR schedule is a function of the step, so it is re-derived."""
+        self.step = step
+        self.scheduler.last_epoch = step
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * fn(step)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     # ---- one step ---------------------------------------------------------------------------------
 
@@ -218,6 +205,7 @@ class Trainer:
     @torch.no_grad()
     def sample_ema(self, context: torch.Tensor, pooled: torch.Tensor, seed: int, **kwargs) -> torch.Tensor:
         """Samples from the EMA weights (swapped in and back), every rank computing the same batch."""
+        reshard(self.model)
         backup = {n: p.detach().clone() for n, p in self.model.named_parameters()}
         self.ema.copy_to(self.model)
         self.model.eval()
@@ -226,6 +214,7 @@ class Trainer:
             with self.autocast():
                 return self.recipe.sample(self.model, context.to(self.device), pooled.to(self.device), gen, **kwargs)
         finally:
+            reshard(self.model)
             for n, p in self.model.named_parameters():
                 p.copy_(backup[n])
 

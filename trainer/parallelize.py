@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from infra.config import JobConfig
@@ -61,6 +61,15 @@ def parallelize(model: nn.Module, cfg: JobConfig, param_dtype: torch.dtype | Non
     if world()[1] > 1:
         apply_fsdp(model, param_dtype)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Return every FSDP2 module to its sharded parameters. A forward without backward (validation,
+    sampling) leaves the last block gathered (it does not reshard after forward), and code that walks
+    ``named_parameters`` must see the sharded DTensors."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _assign(param: nn.Parameter, full: torch.Tensor) -> None:

@@ -1,0 +1,113 @@
+"""Images from any saved checkpoint (EMA weights by default).
+
+    python orchestration/sample.py --checkpoint URI --prompt "a handwritten digit 3" [--prompt ...] \\
+        --num-per-prompt 8 --steps 25 --cfg 2.0 --seed 0 --out grid.png [--out-npz samples.npz]
+
+URI is a checkpoint directory on local disk or any fsspec URL (``s3://...``). The checkpoint carries its
+resolved config, which names the dataset whose text encoder and empty-caption encoding are used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from infra.config import build_config
+from trainer import checkpoint
+
+
+@contextlib.contextmanager
+def local_checkpoint(uri: str):
+    """A local directory holding the checkpoint at ``uri`` (downloaded first if remote)."""
+    if "://" not in uri or uri.startswith("file://"):
+        yield Path(uri.removeprefix("file://"))
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    with tempfile.TemporaryDirectory(prefix="flowscale-sample-") as tmp:
+        if not fs.exists(path):
+            raise checkpoint.CheckpointError(f"checkpoint {uri} does not exist")
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        yield Path(tmp)
+
+
+def load_job_config(directory: Path):
+    import yaml
+
+    cfg_file = directory / "config.yaml"
+    if not cfg_file.exists():
+        raise checkpoint.CheckpointError(f"checkpoint {directory} has no config.yaml (not a flowscale checkpoint?)")
+    return build_config(yaml.safe_load(cfg_file.read_text()), source=str(cfg_file))
+
+
+def sample_checkpoint(
+    uri: str, prompts: list[str], num_per_prompt: int, steps: int, cfg_scale: float, seed: int,
+    ema: bool = True, device: str | None = None,
+) -> tuple[torch.Tensor, list[str]]:
+    """(images (N, C, H, W) float32 in [0, 1], prompt of each image), prompt-major."""
+    from dataloaders.dataset import open_dataset
+    from dataloaders.text_encoders import load_text_encoder
+    from orchestration.images import latents_to_images
+    from trainer.models.mmdit import MMDiT
+    from trainer.recipes.rectified_flow import RectifiedFlowRecipe
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with local_checkpoint(uri) as directory:
+        cfg = load_job_config(directory)
+        model = MMDiT(cfg.model)
+        checkpoint.load_weights(model, directory, ema=ema)
+    model.to(dev).eval()
+    opts = dict(cfg.data.storage_options)
+    empty = open_dataset(cfg.data.url, opts).empty_condition()
+    encoder = load_text_encoder(cfg.data.url, opts)
+    expanded = [p for p in prompts for _ in range(num_per_prompt)]
+    tokens, pooled = encoder.encode(expanded)
+    recipe = RectifiedFlowRecipe(cfg, empty)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    latents = recipe.sample(
+        model, torch.as_tensor(tokens).float().to(dev), torch.as_tensor(pooled).float().to(dev), gen,
+        steps=steps, cfg_scale=cfg_scale,
+    )
+    return latents_to_images(latents), expanded
+
+
+def main(argv: list[str] | None = None) -> int:
+    from orchestration.images import make_grid, save_png
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", required=True, help="checkpoint directory or URL")
+    parser.add_argument("--prompt", action="append", required=True, help="a caption; repeat for more")
+    parser.add_argument("--num-per-prompt", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=25, help="Euler steps")
+    parser.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance weight")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--out", required=True, help="grid PNG path")
+    parser.add_argument("--out-npz", default=None, help="also save images (N, C, H, W) float32 and prompts")
+    args = parser.parse_args(argv)
+    try:
+        images, prompts = sample_checkpoint(
+            args.checkpoint, args.prompt, args.num_per_prompt, args.steps, args.cfg, args.seed,
+            ema=not args.raw, device=args.device,
+        )
+    except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    scale = max(1, 64 // images.shape[-1])
+    save_png(make_grid(images, nrow=args.num_per_prompt, scale=scale), args.out)
+    if args.out_npz:
+        np.savez(args.out_npz, images=images.numpy().astype(np.float32), prompts=np.array(prompts))
+    print(f"wrote {len(prompts)} samples to {args.out}" + (f" and {args.out_npz}" if args.out_npz else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""MLflow tracking that never blocks or kills training.
+
+The driver opens (or, for a retried or relaunched run, finds) the MLflow run keyed by the Ray run name and
+logs the resolved config. Inside the job only world rank 0 logs, through a background thread: a slow or
+unreachable tracking server costs the training loop nothing, and every failed call is counted and
+reported instead of raised.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import threading
+import numpy as np
+
+log = logging.getLogger(__name__)
+RUN_NAME_TAG = "flowscale.run_name"
+SECRET_MARKERS = ("secret", "password", "token", "key_id", "access_key", "credential")
+
+
+def redact(params: dict[str, str]) -> dict[str, str]:
+    """Drop values of keys that look like credentials (storage options may carry them)."""
+    return {k: ("<redacted>" if any(m in k.lower() for m in SECRET_MARKERS) else v) for k, v in params.items()}
+
+
+def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str], config_yaml: str) -> str:
+    """The id of the MLflow run named ``run_name`` in ``experiment``, created if new. Driver side."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    if found:
+        return found[0].info.run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    items = list(redact(params).items())
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[i : i + 100]])
+    client.log_text(run.info.run_id, config_yaml, "config.yaml")
+    return run.info.run_id
+
+
+class Tracker:
+    """Asynchronous MLflow logging for one run (world rank 0 of the job)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = True):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self.failures = 0
+        self._queue: queue.Queue = queue.Queue(maxsize=1000)
+        self._monitor = None
+        self._thread = threading.Thread(target=self._drain, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+        if system_metrics:
+            self._submit(self._start_system_metrics)
+
+    # ---- producer side (training thread): never blocks, never raises --------------------------------
+
+    def _submit(self, fn, *args) -> None:
+        try:
+            self._queue.put_nowait((fn, args))
+        except queue.Full:
+            self.failures += 1
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self._submit(self._log_metrics, dict(metrics), step)
+
+    def log_image(self, image: np.ndarray, name: str, step: int) -> None:
+        self._submit(self._log_image, image, name, step)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._submit(self._set_tag, key, value)
+
+    def close(self, timeout: float = 30.0) -> int:
+        """Flush (bounded by ``timeout``) and stop; returns how many calls failed."""
+        self._queue.put((None, ()))
+        self._thread.join(timeout)
+        return self.failures
+
+    # ---- consumer side ------------------------------------------------------------------------------
+
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+    def _drain(self) -> None:
+        while True:
+            fn, args = self._queue.get()
+            if fn is None:
+                break
+            try:
+                fn(*args)
+            except Exception as e:  # tracking must never take training down
+                self.failures += 1
+                log.warning("MLflow call %s failed (%d so far): %s", fn.__name__, self.failures, e)
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception:
+                self.failures += 1
+
+    def _start_system_metrics(self) -> None:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10)
+        self._monitor.start()
+
+    def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client().log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+
+    def _log_image(self, image: np.ndarray, name: str, step: int) -> None:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        self._client().log_image(self.run_id, Image.open(io.BytesIO(buf.getvalue())), key=name, step=step)
+
+    def _set_tag(self, key: str, value: str) -> None:
+        self._client().set_tag(self.run_id, key, value)
+

@@ -1,0 +1,121 @@
+"""Sharded checkpoints of the whole training state with torch.distributed.checkpoint (DCP).
+
+Every rank writes its own shard files into one directory (``__{rank}_0.distcp``; rank 0 adds
+``.metadata``), so a launcher can upload or merge them as they are. Only tensors go through DCP (no
+pickled objects): model, AdamW moments, EMA, step counters. The LR schedule is a pure function of the
+step and is re-derived. The loader's position (plain JSON) and the resolved config sit beside the shards.
+``COMPLETE`` is written last: a directory without it was interrupted and is never loaded. DCP reshards on
+load, so a checkpoint written by N ranks loads on M.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
+
+from trainer.parallelize import world
+
+COMPLETE = "COMPLETE"
+META = "flowscale.json"
+LOADER = "loader.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint directory that cannot be used, with the path and what is missing."""
+
+
+def _optimizer_tensors(trainer) -> tuple[dict[str, torch.Tensor], list]:
+    """AdamW state keyed by parameter name (initialised if the optimizer has not stepped yet)."""
+    osd = get_optimizer_state_dict(trainer.model, trainer.optimizer)
+    flat = {f"{fqn}/{key}": value for fqn, state in osd["state"].items() for key, value in state.items()}
+    return flat, osd["param_groups"]
+
+
+def _tensor_state(trainer) -> dict[str, Any]:
+    optim, _ = _optimizer_tensors(trainer)
+    return {
+        "model": get_model_state_dict(trainer.model),
+        "optimizer": optim,
+        "ema": trainer.ema.state_dict(),
+        "progress": {
+            "step": torch.tensor(trainer.step),
+            "nonfinite_total": torch.tensor(trainer.nonfinite_total),
+        },
+    }
+
+
+def save(trainer, directory: str | Path, loader_state: dict | None = None, config_yaml: str | None = None) -> Path:
+    """Write the trainer's state into ``directory`` (every rank calls this with the same path)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    dcp.save(_tensor_state(trainer), checkpoint_id=str(directory))
+    rank, world_size = world()
+    if rank == 0:
+        if loader_state is not None:
+            (directory / LOADER).write_text(json.dumps(loader_state))
+        if config_yaml is not None:
+            (directory / "config.yaml").write_text(config_yaml)
+        meta = {"step": trainer.step, "world_size": world_size, "recipe": trainer.recipe.name}
+        (directory / META).write_text(json.dumps(meta))
+        (directory / COMPLETE).write_text("")
+    return directory
+
+
+def check_complete(directory: str | Path) -> Path:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    missing = [name for name in (COMPLETE, META, ".metadata") if not (directory / name).exists()]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {directory} is incomplete (missing {', '.join(missing)}): it was interrupted while "
+            f"being written; use an earlier checkpoint"
+        )
+    return directory
+
+
+def load(trainer, directory: str | Path) -> dict | None:
+    """Restore the trainer in place (resharding as needed); returns the loader state, if saved."""
+    directory = check_complete(directory)
+    state = _tensor_state(trainer)
+    dcp.load(state, checkpoint_id=str(directory))
+    trainer.model.load_state_dict(state["model"])
+    _, groups = _optimizer_tensors(trainer)
+    nested: dict[str, dict] = {}
+    for key, value in state["optimizer"].items():
+        fqn, name = key.rsplit("/", 1)
+        nested.setdefault(fqn, {})[name] = value
+    set_optimizer_state_dict(trainer.model, trainer.optimizer, {"state": nested, "param_groups": groups})
+    trainer.ema.load_state_dict(state["ema"])
+    trainer.nonfinite_total = int(state["progress"]["nonfinite_total"])
+    trainer.set_step(int(state["progress"]["step"]))
+    loader = directory / LOADER
+    return json.loads(loader.read_text()) if loader.exists() else None
+
+
+def load_weights(model: torch.nn.Module, directory: str | Path, ema: bool = True) -> dict:
+    """Load a checkpoint's EMA (default) or raw weights into an unsharded model, in one process.
+
+    Returns the checkpoint's metadata. Used for sampling and as the teacher of distillation.
+    """
+    directory = check_complete(directory)
+    if ema:
+        target = {f"ema.shadow.{n}": torch.empty_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
+    else:
+        target = {f"model.{k}": v for k, v in get_model_state_dict(model, options=StateDictOptions()).items()}
+    dcp.load(target, checkpoint_id=str(directory), no_dist=True)
+    prefix = "ema.shadow." if ema else "model."
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(target[prefix + n].to(p.dtype))
+    return json.loads((directory / META).read_text())
