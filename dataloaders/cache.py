@@ -36,6 +36,8 @@ class ShardCache:
         return data
 
     def put(self, relative: str, data: bytes) -> None:
+        if self.max_bytes and len(data) > self.max_bytes:
+            return  # a shard larger than the whole budget is never cached
         path = self._path(relative)
         tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
         tmp.write_bytes(data)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import os
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from dataloaders.shards.reader import ShardReader
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
+_ENV_PREFIXES = ("AWS_", "FSSPEC_")
 
 
 @dataclass
@@ -136,6 +138,9 @@ class RankBatches(IterableDataset):
         self.batch_size = global_batch_size // world_size
         self.start = start
         self.lookahead = lookahead
+        # A forkserver's children inherit the server's environment, frozen when it started; hand workers the
+        # parent's current credentials and endpoint instead.
+        self.env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
 
     def _position(self, j: int) -> int:
         return self.start + j * self.global_batch_size + self.rank * self.batch_size
@@ -148,6 +153,10 @@ class RankBatches(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if info is not None:
+            for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES) and k not in self.env]:
+                del os.environ[key]
+            os.environ.update(self.env)
         cache = (ShardCache(self.read.cache_dir, self.manifest.fingerprint, self.read.cache_bytes)
                  if self.read.cache_dir else None)
         reader = ShardReader(self.manifest, self.read.storage_options, self.read.retries, self.read.timeout_s,
