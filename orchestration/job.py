@@ -9,6 +9,7 @@ recipe and hands them to ``trainer.loop.Trainer`` with ``RayHooks``.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import secrets
@@ -102,7 +103,7 @@ def preflight(cfg: JobConfig) -> None:
 
 def launch(cfg: JobConfig, mlflow_run_id: str | None, recipe: str = "rectified_flow", extra: dict | None = None):
     """Run the job on the connected Ray cluster; returns Ray Train's Result."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     path, fs = storage(cfg)
@@ -118,6 +119,7 @@ def launch(cfg: JobConfig, mlflow_run_id: str | None, recipe: str = "rectified_f
             name=cfg.run.name, storage_path=path, storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
     )
@@ -216,9 +218,21 @@ def eval_condition(cfg: JobConfig, url: str) -> tuple[torch.Tensor, torch.Tensor
     return torch.as_tensor(tokens).float(), torch.as_tensor(pooled).float()
 
 
+def quiet_report_logging() -> None:
+    """Ray Train V2 logs every ``report`` call's full metrics dict at INFO from a logger named after its
+    source file; at one report per log step that buries the progress line."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_worker(loop_config: dict) -> None:
     """The per-worker function of every flowscale Ray Train job: the trainer package's loop, unchanged."""
     import ray.train
+
+    quiet_report_logging()
 
     from dataloaders.dataset import build_loader, open_dataset
     from orchestration.images import latents_to_images
@@ -251,6 +265,8 @@ def train_worker(loop_config: dict) -> None:
             loader.load_state_dict(loader_state)
         if rank == 0:
             print(f"resumed from {restored.path} at step {trainer.step}", flush=True)
+            if tracker:
+                tracker.set_tag("resumed_from_step", str(trainer.step))
     try:
         trainer.fit(loader, val_batches, eval_condition(cfg, data.url), latents_to_images)
     finally:

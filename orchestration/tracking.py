@@ -104,8 +104,10 @@ class Tracker:
                 self.failures += 1
 
     def _start_system_metrics(self) -> None:
+        import mlflow
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+        mlflow.set_tracking_uri(self.tracking_uri)  # the monitor logs through the global client
         self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10)
         self._monitor.start()
 
