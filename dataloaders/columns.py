@@ -127,14 +127,27 @@ def column_numpy(spec: ColumnSpec, array: pa.Array | pa.ChunkedArray) -> np.ndar
     return array.to_numpy(zero_copy_only=True)
 
 
-def to_torch(spec: ColumnSpec, arr: np.ndarray) -> torch.Tensor:
-    """Storage-dtype numpy rows as a torch tensor of the column's logical dtype."""
-    t = torch.from_numpy(arr)
+def to_torch(spec: ColumnSpec, arr: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Storage-dtype rows (numpy, or a tensor from ``empty_rows``) as a tensor of the logical dtype."""
+    t = torch.from_numpy(arr) if isinstance(arr, np.ndarray) else arr
     if spec.dtype == "bfloat16":
-        return t.view(torch.int16).view(torch.bfloat16) if t.dtype != torch.int16 else t.view(torch.bfloat16)
+        return t.view(torch.bfloat16)
     if spec.dtype == "bool":
         return t.to(torch.bool)
     return t
+
+
+def empty_rows(spec: ColumnSpec, n: int, shared: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """An uninitialised (n, *shape) storage-dtype tensor and a numpy view of it to fill.
+
+    ``shared`` puts it in shared memory up front: a loader worker then hands it to the main process
+    without the extra copy torch's worker queue would otherwise make.
+    """
+    storage = torch.from_numpy(np.empty(0, _DTYPES[spec.dtype][0])).dtype
+    t = torch.empty((n,) + spec.shape, dtype=storage)
+    if shared:
+        t.share_memory_()
+    return t, t.numpy()
 
 
 def schema_of(specs: Sequence[ColumnSpec]) -> pa.Schema:

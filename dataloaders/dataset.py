@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataloaders import storage
 from dataloaders.cache import ShardCache
-from dataloaders.columns import ColumnSpec, to_torch
+from dataloaders.columns import ColumnSpec, empty_rows, to_torch
 from dataloaders.errors import CorruptShardError, DataError, ManifestError, SchemaMismatchError
 from dataloaders.manifest import Manifest, manifest_url, parse_manifest
 from dataloaders.sampler.order import GlobalOrder
@@ -213,13 +213,11 @@ class RankBatches(IterableDataset):
             if spec.kind == "string":
                 batch[spec.name] = [decoded[s].columns[spec.name][r] for s, r in zip(shards.tolist(), rows.tolist())]
                 continue
-            first = decoded[shards[0]].columns[spec.name] if len(shards) else None
-            dtype = first.dtype if first is not None else np.float32
-            out = np.empty((len(shards),) + spec.shape, dtype)
+            tensor, out = empty_rows(spec, len(shards), shared=get_worker_info() is not None)
             for s in np.unique(shards):
                 at = np.flatnonzero(shards == s)
                 out[at] = decoded[int(s)].columns[spec.name][rows[at]]
-            batch[spec.name] = to_torch(spec, out)
+            batch[spec.name] = to_torch(spec, tensor)
         batch["_position"] = plan.position
         batch["_skipped"] = skipped
         return batch
