@@ -58,6 +58,7 @@ def final_grid(cfg, result_checkpoint_path: str, run_dir: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dataloaders.errors import DataError
     from orchestration import job
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_config(cfg))
             return 0
         job.preflight(cfg)
-    except (ConfigError, ValueError, OSError) as e:
+    except (ConfigError, DataError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
