@@ -2,7 +2,7 @@
 
 It is written last, in a single put (or a rename on local disk), so a dataset whose writer died half-way
 has no manifest and cannot be opened. It records the format version, the columns (dtype, shape), every
-shard (relative path, rows, bytes, sha256), the encoder that produced the text columns and the stored
+shard (relative path, rows, bytes, checksum), the encoder that produced the text columns and the stored
 encoding of the empty caption. Its sha256 fingerprints the dataset in a loader's resume state.
 """
 
@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from dataloaders.columns import ColumnSpec
 from dataloaders.errors import ManifestError
+
+# Shard checksums. CRC32 (zlib, ~4.5 GB/s per core, GIL released) catches truncation and bit rot at a
+# quarter of sha256's cost, which at 1 GB/s of shards per worker is the difference between hashing being
+# free and hashing being the bottleneck; sha256 stays readable for datasets that want a cryptographic one.
+CHECKSUMS = {
+    "crc32": lambda data: f"{zlib.crc32(data):08x}",
+    "sha256": lambda data: hashlib.sha256(data).hexdigest(),
+}
+DEFAULT_CHECKSUM = "crc32"
 
 FORMAT = "flowscale-arrow-shards"
 VERSION = 1
@@ -26,7 +36,7 @@ class ShardInfo:
     path: str  # relative to the dataset root
     rows: int
     bytes: int
-    sha256: str
+    checksum: str  # "<algorithm>:<hex digest>", see CHECKSUMS
 
 
 @dataclass
@@ -55,7 +65,7 @@ class Manifest:
 
     def to_json(self) -> str:
         def shard(s: ShardInfo) -> dict:
-            return {"path": s.path, "rows": s.rows, "bytes": s.bytes, "sha256": s.sha256}
+            return {"path": s.path, "rows": s.rows, "bytes": s.bytes, "checksum": s.checksum}
 
         doc = {
             "format": FORMAT,
@@ -93,9 +103,9 @@ def parse_manifest(text: str | bytes, url: str) -> Manifest:
         raise ManifestError(f"manifest {url} has format version {doc.get('version')!r}; this reader reads {VERSION}")
     try:
         columns = [ColumnSpec.from_json(c) for c in doc["columns"]]
-        shards = [ShardInfo(s["path"], int(s["rows"]), int(s["bytes"]), str(s["sha256"])) for s in doc["shards"]]
+        shards = [_shard(s, url) for s in doc["shards"]]
         empty = doc.get("empty_condition")
-        empty_info = ShardInfo(empty["path"], int(empty["rows"]), int(empty["bytes"]), str(empty["sha256"])) if empty else None
+        empty_info = _shard(empty, url) if empty else None
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"manifest {url} is malformed: missing or bad key {e}") from None
     names = [c.name for c in columns]
@@ -108,3 +118,20 @@ def parse_manifest(text: str | bytes, url: str) -> Manifest:
                             f"{sum(s.rows for s in shards)} rows")
     fingerprint = hashlib.sha256(text if isinstance(text, bytes) else text.encode()).hexdigest()
     return Manifest(columns, shards, doc.get("text_encoder") or {}, empty_info, doc.get("extra") or {}, url, fingerprint)
+
+
+def checksum(data: bytes, algorithm: str = DEFAULT_CHECKSUM) -> str:
+    return f"{algorithm}:{CHECKSUMS[algorithm](data)}"
+
+
+def checksum_matches(data: bytes, expected: str) -> bool:
+    algorithm = expected.split(":", 1)[0]
+    return checksum(data, algorithm) == expected
+
+
+def _shard(d: dict, url: str) -> ShardInfo:
+    info = ShardInfo(d["path"], int(d["rows"]), int(d["bytes"]), str(d["checksum"]))
+    if info.checksum.split(":", 1)[0] not in CHECKSUMS:
+        raise ManifestError(f"manifest {url}: shard {info.path} has checksum {info.checksum!r}; known algorithms: "
+                            f"{sorted(CHECKSUMS)}")
+    return info

@@ -14,7 +14,6 @@ readable, never a half-written one.
 
 from __future__ import annotations
 
-import hashlib
 import secrets
 from typing import Any, Mapping
 
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from dataloaders import storage
 from dataloaders.columns import ColumnSpec, infer_spec, schema_of, to_arrow
-from dataloaders.manifest import Manifest, ShardInfo, manifest_root, manifest_url
+from dataloaders.manifest import DEFAULT_CHECKSUM, Manifest, ShardInfo, checksum, manifest_root, manifest_url
 
 REQUIRED = ("sample_id", "latent", "text_tokens", "text_pooled", "caption")
 
@@ -44,13 +43,15 @@ class DatasetWriter:
 
     def __init__(self, url: str, *, shard_rows: int = 1024, storage_options: dict | None = None,
                  text_encoder: dict | None = None, extra: dict | None = None,
-                 require_columns: tuple[str, ...] = REQUIRED, progress: bool | int = False):
+                 require_columns: tuple[str, ...] = REQUIRED, progress: bool | int = False,
+                 checksum: str = DEFAULT_CHECKSUM):
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
         self.url = manifest_url(url)
         self.root = manifest_root(url)
         self.fs, self._root_path = storage.filesystem(self.root, storage_options)
         self.shard_rows = shard_rows
+        self.checksum = checksum
         self.text_encoder = text_encoder or {}
         self.extra = extra or {}
         self.require_columns = require_columns
@@ -115,7 +116,7 @@ class DatasetWriter:
 
     def _put(self, relative: str, data: bytes, rows: int) -> ShardInfo:
         storage.write_bytes_atomic(self.fs, storage.join(self._root_path, relative), data)
-        return ShardInfo(relative, rows, len(data), hashlib.sha256(data).hexdigest())
+        return ShardInfo(relative, rows, len(data), checksum(data, self.checksum))
 
     def close(self) -> Manifest:
         """Flush the last shard and publish the manifest: only now is the dataset readable."""

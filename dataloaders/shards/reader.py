@@ -1,6 +1,6 @@
 """Fetch a shard, prove it is the one the manifest describes, and decode it without copies.
 
-A shard is fetched whole (one GET), so its size and sha256 can be checked against the manifest before a
+A shard is fetched whole (one GET), so its size and checksum can be checked against the manifest before a
 single row is used: a truncated upload, a flipped bit or a stale object is caught here, not in the loss
 curve. A mismatch is retried once from storage (the copy in flight, or in the local cache, may be the bad
 one) before the shard is declared corrupt. The decoded columns are numpy views of the fetched buffer.
@@ -8,7 +8,6 @@ one) before the shard is declared corrupt. The decoded columns are numpy views o
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from dataloaders import storage
 from dataloaders.cache import ShardCache
 from dataloaders.columns import ColumnSpec, column_numpy
 from dataloaders.errors import CorruptShardError, SchemaMismatchError
-from dataloaders.manifest import Manifest, ShardInfo
+from dataloaders.manifest import Manifest, ShardInfo, checksum_matches
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +73,8 @@ class ShardReader:
     def _check(self, info: ShardInfo, data: bytes) -> str | None:
         if len(data) != info.bytes:
             return f"{len(data)} bytes, the manifest says {info.bytes} (truncated or replaced)"
-        if self.verify and hashlib.sha256(data).hexdigest() != info.sha256:
-            return "sha256 differs from the manifest's (bit rot or a replaced object)"
+        if self.verify and not checksum_matches(data, info.checksum):
+            return f"checksum differs from the manifest's {info.checksum} (bit rot or a replaced object)"
         return None
 
     def read(self, info: ShardInfo, specs: list[ColumnSpec] | None = None) -> DecodedShard:

@@ -68,7 +68,7 @@ def test_bit_flip_fails_the_checksum(small_local):
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x10
     path.write_bytes(bytes(data))
-    with pytest.raises(CorruptShardError, match=f"{info['path']} is corrupt: sha256"):
+    with pytest.raises(CorruptShardError, match=f"{info['path']} is corrupt: checksum differs"):
         read_epoch(small_local)
 
 
@@ -92,7 +92,7 @@ def test_schema_mismatch_between_shards_names_shard_and_column(tmp_path, small_l
     path, _ = first_shard(small_local)
     path.write_bytes(foreign.read_bytes())
     manifest = json.loads(Path(small_local).read_text())
-    manifest["shards"][0].update(bytes=foreign_info["bytes"], sha256=foreign_info["sha256"])
+    manifest["shards"][0].update(bytes=foreign_info["bytes"], checksum=foreign_info["checksum"])
     Path(small_local).write_text(json.dumps(manifest))
     with pytest.raises(SchemaMismatchError, match="column 'latent' .*manifest says tensor bfloat16"):
         read_epoch(small_local)
