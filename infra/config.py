@@ -56,6 +56,9 @@ class ModelConfig(Section):
     time_freq_dim: int = Field(256, ge=2, description="sinusoidal width of the timestep embedding")
     qkv_bias: bool = Field(True, description="bias on the qkv projections (SD3: on)")
     qk_norm: bool = Field(True, description="per-head RMSNorm on q and k (SD3 8B: on; stabilises bf16)")
+    guidance_embed: bool = Field(
+        False, description="zero-initialised CFG-scale embedding added to c (sCD student with sampled w)"
+    )
 
     @property
     def hidden_size(self) -> int:
@@ -209,6 +212,53 @@ class TrackingConfig(Section):
     system_metrics: bool = Field(True, description="log CPU/GPU/memory system metrics with the run")
 
 
+class DistillConfig(Section):
+    """Continuous-time consistency distillation (sCD) or training (sCT) in TrigFlow (docs: SCD.md)."""
+
+    mode: Literal["scd", "sct"] = Field(
+        "scd", description="scd = tangent from a frozen teacher's ODE; sct = from the noise-data pair (no teacher)"
+    )
+    teacher: str = Field(
+        "", description="pretraining checkpoint directory whose EMA weights are the teacher and the student's init"
+    )
+    sigma_d: float = Field(0.5, gt=0, description="TrigFlow data std: x0 = sigma_d * latents, z ~ N(0, sigma_d^2)")
+    p_mean: float = Field(-0.8, description="training tau = arctan(exp(p_mean + p_std n) / sigma_d)")
+    p_std: float = Field(1.6, gt=0, description="spread of log(sigma_d tan tau); larger = more extreme times")
+    guidance: Literal["fixed", "sampled"] = Field(
+        "fixed", description="teacher CFG w: fixed cfg_scale, or per sample in [cfg_min, cfg_max], fed to the student"
+    )
+    cfg_scale: float = Field(2.0, ge=0, description="teacher CFG w when fixed; the student's default w when sampled")
+    cfg_min: float = Field(1.0, ge=0, description="lowest w drawn per sample when guidance = sampled")
+    cfg_max: float = Field(4.0, ge=0, description="highest w drawn per sample when guidance = sampled")
+    tangent_warmup: Literal["linear", "cosine", "none"] = Field(
+        "linear", description="shape of r: 0 -> 1 over tangent_warmup_steps (none = r = 1 from the start)"
+    )
+    tangent_warmup_steps: int = Field(1000, ge=0, description="steps until r = 1 (paper 10k, Sana-Sprint 4k, rCM 1k)")
+    tangent_norm_eps: float = Field(0.1, gt=0, description="c in g / (||g|| + c): bounds the tangent per sample")
+    weighting: Literal["adaptive", "fixed"] = Field(
+        "adaptive", description="adaptive = lambda(tau) e^-u mse + u with a learned log-variance u; fixed = plain mse"
+    )
+    t_max: float | None = Field(
+        None, gt=0, le=math.pi / 2, description="largest tau (training clamp, 1-step start); None = arctan(80/sigma_d)"
+    )
+    sample_mid_times: list[float] = Field(
+        [1.1], description="intermediate taus of the multi-step sampler (2 steps uses the first; sCM: 1.1)"
+    )
+
+    @property
+    def tau_max(self) -> float:
+        return self.t_max if self.t_max is not None else math.atan(80.0 / self.sigma_d)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "DistillConfig":
+        if self.cfg_min > self.cfg_max:
+            raise ValueError(f"distill.cfg_min={self.cfg_min} is above distill.cfg_max={self.cfg_max}")
+        bad = [t for t in self.sample_mid_times if not 0.0 < t < math.pi / 2]
+        if bad:
+            raise ValueError(f"distill.sample_mid_times must lie in (0, pi/2), got {bad}")
+        return self
+
+
 class JobConfig(Section):
     """A whole job."""
 
@@ -223,6 +273,7 @@ class JobConfig(Section):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     run: RunStorageConfig = Field(default_factory=RunStorageConfig)
     mlflow: TrackingConfig = Field(default_factory=TrackingConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
     @model_validator(mode="after")
     def _grid_fits(self) -> "JobConfig":

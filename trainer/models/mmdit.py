@@ -194,12 +194,17 @@ class FinalLayer(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+# w in [1, 10] spans phases 100..1000 of the sinusoids, the range time_scale * t covers with SD3's scale.
+GUIDANCE_FEATURE_SCALE = 100.0
+
+
 class MMDiT(nn.Module):
     """``model(x, t, context, pooled) -> velocity``.
 
     x: (B, C_in, H, W) latents; t: (B,) rectified-flow time in [0, 1] (the network sees
     ``time_scale * t``); context: (B, L, C_ctx) text tokens; pooled: (B, C_pool) pooled text embedding.
-    Returns (B, C_out, H, W).
+    Returns (B, C_out, H, W). With ``model.guidance_embed`` the model also takes ``guidance``: (B,) CFG
+    scales w, embedded like the time and added to the conditioning vector (the sCD student; Sana-Sprint).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -210,6 +215,8 @@ class MMDiT(nn.Module):
         self.t_embedder = MLPEmbedder(cfg.time_freq_dim, D)
         self.y_embedder = MLPEmbedder(cfg.pooled_dim, D)
         self.context_embedder = nn.Linear(cfg.context_dim, D)
+        if cfg.guidance_embed:
+            self.g_embedder = MLPEmbedder(cfg.time_freq_dim, D)  # output layer zero-init: starts as the teacher
         self.joint_blocks = nn.ModuleList(
             JointBlock(cfg, context_pre_only=(i == cfg.depth - 1)) for i in range(cfg.depth)
         )
@@ -242,29 +249,50 @@ class MMDiT(nn.Module):
         key = (h, w, str(device), dtype)
         if key not in self._pos_cache:
             table = cropped_pos_embed(self.cfg.hidden_size, self.cfg.pos_embed_max_size, h, w)
-            self._pos_cache[key] = table.to(device=device, dtype=dtype)
+            table = table.to(device=device, dtype=dtype)
+            if torch._C._functorch.is_functorch_wrapped_tensor(table):
+                # Built inside a torch.func transform (sCD's JVP pass): caching it would leak the transform's
+                # wrapper tensor out of it (deepcopy and later transforms fail on it).
+                return table
+            self._pos_cache[key] = table
         return self._pos_cache[key]
 
-    def conditioning(self, t: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        """c = TimestepMLP(sinusoidal(time_scale * t)) + PooledMLP(pooled), (B, D)."""
+    def conditioning(self, t: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """c = TimestepMLP(sinusoidal(time_scale * t)) + PooledMLP(pooled) [+ GuidanceMLP(sinusoidal(w))], (B, D)."""
         t_freq = timestep_embedding(self.cfg.time_scale * t, self.cfg.time_freq_dim)
-        return self.t_embedder(t_freq.to(pooled.dtype)) + self.y_embedder(pooled)
+        c = self.t_embedder(t_freq.to(pooled.dtype)) + self.y_embedder(pooled)
+        if not self.cfg.guidance_embed:
+            if guidance is not None:
+                raise ValueError("guidance was given to a model without a guidance embedding (model.guidance_embed)")
+            return c
+        if guidance is None or guidance.shape != t.shape:
+            raise ValueError(
+                f"this model has a guidance embedding (model.guidance_embed): pass guidance, one CFG scale per "
+                f"sample of shape {tuple(t.shape)}, got {None if guidance is None else tuple(guidance.shape)}"
+            )
+        g_freq = timestep_embedding(GUIDANCE_FEATURE_SCALE * guidance, self.cfg.time_freq_dim)
+        return c + self.g_embedder(g_freq.to(pooled.dtype))
 
     # ---- forward -----------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+        guidance: torch.Tensor | None = None, return_conditioning: bool = False,
+    ):
+        """-> velocity (B, C_out, H, W), or (velocity, c) with ``return_conditioning`` for heads that read the
+        conditioning vector c (B, D) (sCD's log-variance head)."""
         self.check_inputs(x, t, context, pooled)
         B, _, H, W = x.shape
         p = self.cfg.patch_size
         h, w = H // p, W // p
         tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
         tokens = tokens + self.pos_embed(h, w, tokens.device, tokens.dtype)
-        c = self.conditioning(t, pooled)
+        c = self.conditioning(t, pooled, guidance)
         ctx = self.context_embedder(context)
         for block in self.joint_blocks:
             ctx, tokens = block(ctx, tokens, c)
-        out = self.final_layer(tokens, c)  # (B, h*w, p*p*C_out)
-        return self.unpatchify(out, h, w)
+        out = self.unpatchify(self.final_layer(tokens, c), h, w)  # (B, h*w, p*p*C_out) -> (B, C_out, H, W)
+        return (out, c) if return_conditioning else out
 
     def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         B, p, C = tokens.shape[0], self.cfg.patch_size, self.cfg.out_channels
@@ -280,7 +308,8 @@ class MMDiT(nn.Module):
         sharded model (FSDP2 passes ``assign`` to copy just the local shard) gets bit-for-bit the
         weights of an unsharded one. Scheme (DiT/SD3): xavier-uniform linears with zero bias,
         N(0, 0.02) timestep MLP, zero adaLN modulations and final projection (adaLN-Zero: every
-        block starts as the identity), unit QK-norm scales.
+        block starts as the identity), unit QK-norm scales, zero output layer of the guidance MLP (a
+        student starts exactly as its teacher whatever w it is given).
         """
         assign = assign or (lambda param, value: param.data.copy_(value))
         with torch.no_grad():
@@ -291,7 +320,8 @@ class MMDiT(nn.Module):
 
     @staticmethod
     def _initial_value(name: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:
-        if name.endswith("bias") or "adaLN_modulation" in name or name.startswith("final_layer.linear"):
+        zero = name.endswith("bias") or "adaLN_modulation" in name
+        if zero or name.startswith(("final_layer.linear", "g_embedder.fc2")):
             return torch.zeros(shape)
         if name.endswith(("ln_q.weight", "ln_k.weight")):
             return torch.ones(shape)
