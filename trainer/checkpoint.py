@@ -17,12 +17,14 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_optimizer_state_dict,
 )
 
+from torch.distributed.tensor import DTensor
+
+from trainer.models.mmdit import canonical_name
 from trainer.parallelize import world
 
 COMPLETE = "COMPLETE"
@@ -104,18 +106,35 @@ def load(trainer, directory: str | Path) -> dict | None:
 
 
 def load_weights(model: torch.nn.Module, directory: str | Path, ema: bool = True) -> dict:
-    """Load a checkpoint's EMA (default) or raw weights into an unsharded model, in one process.
+    """Load a checkpoint's EMA (default) or raw weights into a model, unsharded or sharded by FSDP2.
 
-    Returns the checkpoint's metadata. Used for sampling and as the teacher of distillation.
+    An unsharded model loads in one process without collectives (sampling, a rank-0 evaluation); a model
+    with DTensor parameters loads with a distributed ``dcp.load`` that every rank must call, each rank
+    reading only its own shards (the sharded sCD teacher). Parameters are matched by canonical name, so a
+    checkpoint written with activation checkpointing or compile wrappers loads into a bare model.
+    Returns the checkpoint's metadata.
     """
     directory = check_complete(directory)
-    if ema:
-        target = {f"ema.shadow.{n}": torch.empty_like(p, dtype=torch.float32) for n, p in model.named_parameters()}
-    else:
-        target = {f"model.{k}": v for k, v in get_model_state_dict(model, options=StateDictOptions()).items()}
-    dcp.load(target, checkpoint_id=str(directory), no_dist=True)
     prefix = "ema.shadow." if ema else "model."
+    stored = {
+        prefix + canonical_name(key[len(prefix):]): key
+        for key in dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        if key.startswith(prefix)
+    }
+    params = dict(model.named_parameters())
+    keys = {}
+    for n in params:
+        wanted = prefix + canonical_name(n)
+        if wanted not in stored:
+            raise CheckpointError(
+                f"checkpoint {directory} has no weight '{wanted}': it was written for another model; compare "
+                f"its config.yaml with this job's model.* settings"
+            )
+        keys[n] = stored[wanted]
+    target = {keys[n]: torch.empty_like(p, dtype=torch.float32) for n, p in params.items()}
+    sharded = any(isinstance(p, DTensor) for p in params.values())
+    dcp.load(target, checkpoint_id=str(directory), no_dist=not sharded)
     with torch.no_grad():
-        for n, p in model.named_parameters():
-            p.copy_(target[prefix + n].to(p.dtype))
+        for n, p in params.items():
+            p.copy_(target[keys[n]].to(p.dtype))
     return json.loads((directory / META).read_text())

@@ -120,6 +120,8 @@ class Trainer:
         self.local_batch = cfg.train.global_batch_size // self.world_size
         model = recipe.build_model()
         self.model = materialize(parallelize(model, cfg, self.amp_dtype), self.device, cfg.train.seed)
+        if hasattr(recipe, "init_model"):  # e.g. a distillation student that starts from its teacher
+            recipe.init_model(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_warmup)
@@ -154,6 +156,8 @@ class Trainer:
         """Forward, backward, clip, guard, optimizer step. Returns unreduced local tensors."""
         self.model.train()
         self.streams.at_step(self.step)
+        if hasattr(self.recipe, "at_step"):  # step-dependent objectives (sCD's tangent warmup)
+            self.recipe.at_step(self.step)
         with self.autocast():
             loss, aux = self.recipe.loss(self.model, batch, self.streams)
         loss.backward()

@@ -24,25 +24,37 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def network(model: nn.Module) -> nn.Module:
+    """The MM-DiT inside ``model``: the model itself, or ``model.net`` for a wrapper such as the sCD student
+    (the network plus its log-variance head)."""
+    return getattr(model, "net", model)
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    for i, block in enumerate(model.joint_blocks):
-        model.joint_blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+    net = network(model)
+    for i, block in enumerate(net.joint_blocks):
+        net.joint_blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_compile(model: nn.Module) -> None:
-    for block in model.joint_blocks:
+    for block in network(model).joint_blocks:
         block.compile(fullgraph=False)
 
 
 def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> None:
-    """fully_shard each joint block, then the embedders and the final layer, then the root."""
+    """fully_shard each joint block, then the embedders and the final layer, then the root (which also
+    holds whatever a wrapper adds around the network)."""
+    if getattr(model, "fp32_compute_params", False):
+        # The sCD student runs its JVP pass in fp32 (SCD.md section 3); bf16 compute comes from autocast.
+        param_dtype = None
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    blocks = list(model.joint_blocks)
+    net = network(model)
+    blocks = list(net.joint_blocks)
     for i, block in enumerate(blocks):
         # The last block is needed again first in backward: keep it gathered after forward.
         fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
     for name in ("x_embedder", "t_embedder", "y_embedder", "context_embedder", "final_layer"):
-        fully_shard(getattr(model, name), mp_policy=mp)
+        fully_shard(getattr(net, name), mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     if dist.get_backend() == "gloo":
         # pytorch#162338: FSDP2's reduce-scatter with AVG on gloo can return the sum. Reduce with SUM
