@@ -13,6 +13,8 @@ import os
 import secrets
 from pathlib import Path
 
+import pyarrow as pa
+
 
 class ShardCache:
     def __init__(self, directory: str, fingerprint: str, max_bytes: int = 0):
@@ -23,10 +25,11 @@ class ShardCache:
     def _path(self, relative: str) -> Path:
         return self.dir / relative.replace("/", "__")
 
-    def get(self, relative: str) -> bytes | None:
+    def get(self, relative: str) -> pa.Buffer | None:
+        """The cached shard, memory-mapped (an eviction meanwhile unlinks the name, not the mapping)."""
         path = self._path(relative)
         try:
-            data = path.read_bytes()
+            data = pa.memory_map(str(path), "r").read_buffer()
         except FileNotFoundError:
             return None
         try:
@@ -35,7 +38,7 @@ class ShardCache:
             pass
         return data
 
-    def put(self, relative: str, data: bytes) -> None:
+    def put(self, relative: str, data: bytes | pa.Buffer) -> None:
         if self.max_bytes and len(data) > self.max_bytes:
             return  # a shard larger than the whole budget is never cached
         path = self._path(relative)

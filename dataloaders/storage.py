@@ -15,6 +15,7 @@ import time
 from typing import Any, Callable, TypeVar
 
 import fsspec
+import pyarrow as pa
 from fsspec.core import url_to_fs
 
 from dataloaders.errors import StorageAccessError
@@ -90,6 +91,22 @@ def read_bytes(fs: fsspec.AbstractFileSystem, path: str, url: str, retries: int)
     return with_retries(lambda: fs.cat_file(path), url, retries)
 
 
+def read_buffer(fs: fsspec.AbstractFileSystem, path: str, url: str, retries: int) -> bytes | pa.Buffer:
+    """A whole (large) object. A local file is memory-mapped instead of read: one copy fewer per shard,
+    which on NVMe or a warm page cache is a third of the loader's memory traffic."""
+    if is_local(fs):
+        return with_retries(lambda: pa.memory_map(path, "r").read_buffer(), url, retries)
+    return read_bytes(fs, path, url, retries)
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return any(p in ("file", "local") for p in _protocols(fs))
+
+
 def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, retries: int = 3) -> None:
     """Write an object so readers see either nothing or all of it.
 
@@ -107,5 +124,4 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, re
 
 
 def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
-    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return any(p in ("s3", "s3a", "gs", "gcs", "abfs", "az") for p in protocols)
+    return any(p in ("s3", "s3a", "gs", "gcs", "abfs", "az") for p in _protocols(fs))

@@ -49,14 +49,14 @@ class ShardReader:
     def url_of(self, info: ShardInfo) -> str:
         return storage.join(self.manifest.root, info.path)
 
-    def fetch(self, info: ShardInfo) -> bytes:
+    def fetch(self, info: ShardInfo) -> bytes | pa.Buffer:
         """The verified bytes of a shard, from the cache when it holds a good copy."""
         url = self.url_of(info)
         data = self.cache.get(info.path) if self.cache else None
         from_cache = data is not None
         for attempt in range(2):
             if data is None:
-                data = storage.read_bytes(self.fs, storage.join(self.root, info.path), url, self.retries)
+                data = storage.read_buffer(self.fs, storage.join(self.root, info.path), url, self.retries)
                 self.bytes_fetched += len(data)
                 from_cache = False
             problem = self._check(info, data)
@@ -70,7 +70,7 @@ class ShardReader:
         raise CorruptShardError(f"shard {url} is corrupt: {problem}; rewrite the dataset or set "
                                 f"data.on_corrupt=skip to skip its {info.rows} samples")
 
-    def _check(self, info: ShardInfo, data: bytes) -> str | None:
+    def _check(self, info: ShardInfo, data: bytes | pa.Buffer) -> str | None:
         if len(data) != info.bytes:
             return f"{len(data)} bytes, the manifest says {info.bytes} (truncated or replaced)"
         if self.verify and not checksum_matches(data, info.checksum):
@@ -84,9 +84,9 @@ class ShardReader:
         return decode(data, info, specs, self.url_of(info))
 
 
-def decode(data: bytes, info: ShardInfo, specs: list[ColumnSpec], url: str) -> DecodedShard:
+def decode(data: bytes | pa.Buffer, info: ShardInfo, specs: list[ColumnSpec], url: str) -> DecodedShard:
     try:
-        table = pa.ipc.open_file(pa.py_buffer(data)).read_all()
+        table = pa.ipc.open_file(data if isinstance(data, pa.Buffer) else pa.py_buffer(data)).read_all()
     except pa.ArrowInvalid as e:
         raise CorruptShardError(f"shard {url} is not a readable Arrow IPC file: {e}") from None
     if table.num_rows != info.rows:
