@@ -441,13 +441,30 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[s
     return build_config(data, source=str(preset) if preset is not None else "defaults")
 
 
+SECRET_MARKERS = ("secret", "password", "token", "key_id", "access_key", "credential")
+
+
+def is_secret(key: str) -> bool:
+    """Whether a config key holds a credential. s3fs takes them as ``key``/``secret``/``token`` in storage
+    options; other clients name them more verbosely."""
+    leaf = key.rsplit(".", 1)[-1].lower()
+    return leaf == "key" or any(marker in leaf for marker in SECRET_MARKERS)
+
+
+def _public(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _public(v) for k, v in node.items() if not is_secret(str(k))}
+    return node
+
+
 def dump_config(cfg: BaseModel) -> str:
-    """The fully resolved config as YAML (what is saved with every run)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    """The fully resolved config as YAML (what is saved with every run), without credentials: those come
+    from the environment (AWS variables, profiles) wherever the run is resumed or sampled."""
+    return yaml.safe_dump(_public(cfg.model_dump(mode="json")), sort_keys=False)
 
 
 def flat_params(cfg: BaseModel) -> dict[str, str]:
-    """The resolved config as flat ``section.key -> str`` pairs (MLflow params)."""
+    """The resolved config as flat ``section.key -> str`` pairs (MLflow params), without credentials."""
     out: dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -457,5 +474,5 @@ def flat_params(cfg: BaseModel) -> dict[str, str]:
         else:
             out[prefix.rstrip(".")] = str(node)
 
-    walk(cfg.model_dump(mode="json"), "")
+    walk(_public(cfg.model_dump(mode="json")), "")
     return out

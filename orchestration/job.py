@@ -14,6 +14,7 @@ import math
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -131,6 +132,13 @@ def launch(cfg: JobConfig, mlflow_run_id: str | None, recipe: str = "rectified_f
 # --------------------------------------------------------------------------------------------------
 
 
+def say(line: str) -> None:
+    """One line on the worker's stdout, which Ray streams to the driver. Not ``print``: Ray Train patches it
+    into its logger and also tees to a wrapped ``sys.stdout``, so every line would show twice."""
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
 def format_eta(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
@@ -156,10 +164,8 @@ class RayHooks(TrainHooks):
         if self.rank == 0:
             total = self.cfg.train.steps
             eta = (total - step) * metrics["step_time_s"]
-            print(
-                f"step {step}/{total} | loss {metrics['loss']:.4f} | {metrics['samples_per_s']:.0f} samples/s"
-                f" | ETA {format_eta(eta)}", flush=True,
-            )
+            say(f"step {step}/{total} | loss {metrics['loss']:.4f} | {metrics['samples_per_s']:.0f} samples/s"
+                f" | ETA {format_eta(eta)}")
             if self.tracker:
                 self.tracker.log_metrics(metrics, step)
 
@@ -167,7 +173,7 @@ class RayHooks(TrainHooks):
         if self.rank != 0:
             return
         if metrics:
-            print(f"step {step} | validation loss {metrics['val/loss']:.4f}", flush=True)
+            say(f"step {step} | validation loss {metrics['val/loss']:.4f}")
         if self.tracker:
             self.tracker.log_metrics(metrics, step)
             if images is not None:
@@ -264,7 +270,7 @@ def train_worker(loop_config: dict) -> None:
         if loader_state is not None:
             loader.load_state_dict(loader_state)
         if rank == 0:
-            print(f"resumed from {restored.path} at step {trainer.step}", flush=True)
+            say(f"resumed from {restored.path} at step {trainer.step}")
             if tracker:
                 tracker.set_tag("resumed_from_step", str(trainer.step))
     try:
@@ -273,5 +279,5 @@ def train_worker(loop_config: dict) -> None:
         if tracker:
             failures = tracker.close()
             if failures:
-                print(f"warning: {failures} MLflow calls failed; training was not affected", flush=True)
+                say(f"warning: {failures} MLflow calls failed or were dropped; training was not affected")
         loader.close() if hasattr(loader, "close") else None

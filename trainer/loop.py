@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from infra.config import JobConfig
 from trainer import flops
-from trainer.optim import EMA, build_optimizer, build_scheduler
+from trainer.optim import EMA, build_optimizer, lr_factor
 from trainer.parallelize import materialize, parallelize, reshard, world
 from trainer.rng import RankStreams
 
@@ -123,10 +123,9 @@ class Trainer:
         if hasattr(recipe, "init_model"):  # e.g. a distillation student that starts from its teacher
             recipe.init_model(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.train.steps, cfg.optim)
         self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_warmup)
         self.streams = RankStreams(cfg.train.seed, self.rank, self.device)
-        self.step = 0
+        self.set_step(0)
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         img, txt = flops.tokens(cfg)
@@ -138,12 +137,12 @@ class Trainer:
     # ---- state ------------------------------------------------------------------------------------
 
     def set_step(self, step: int) -> None:
-        """Resume at ``step``: the LR schedule is a function of the step, so it is re-derived."""
+        """Position the run at ``step``: the LR is a pure function of the step, so a resume needs no
+        scheduler state."""
         self.step = step
-        self.scheduler.last_epoch = step
-        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            group["lr"] = base * fn(step)
-        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        lr = self.cfg.optim.lr * lr_factor(step, self.cfg.train.steps, self.cfg.optim)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     # ---- one step ---------------------------------------------------------------------------------
 
@@ -175,12 +174,11 @@ class Trainer:
             self.nonfinite_total += 1
             self.nonfinite_run += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.step += 1
+        self.set_step(self.step + 1)
         if self.nonfinite_run >= self.cfg.train.max_nonfinite_steps:
             raise NonFiniteError(
                 f"{self.nonfinite_run} consecutive non-finite steps ending at step {self.step} "
-                f"(loss {float(loss):.4g}, grad norm {float(grad_norm):.4g}); stopping. The last "
+                f"(loss {float(loss.detach()):.4g}, grad norm {float(grad_norm):.4g}); stopping. The last "
                 f"checkpoint is intact; lower optim.lr or check the data"
             )
         return {"loss": loss.detach().float(), "grad_norm": grad_norm.detach().float(), **aux}
@@ -256,7 +254,8 @@ class Trainer:
                 timer.reset()
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or final:
                 self.evaluate(val_batches, eval_condition, to_image)
-            if self.hooks.should_checkpoint(self.step, final):
+            # Only a good step is checkpointed: a non-finite streak never overwrites the last good state.
+            if self.nonfinite_run == 0 and self.hooks.should_checkpoint(self.step, final):
                 self.hooks.on_checkpoint(self.step, self)
         return last
 
@@ -268,7 +267,7 @@ class Trainer:
         elapsed = max(time.perf_counter() - timer.started, 1e-9)
         samples_per_s = timer.samples / elapsed
         metrics.update({
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.optimizer.param_groups[0]["lr"],
             "samples_per_s": samples_per_s,
             "tokens_per_s": samples_per_s * self.tokens_per_sample,
             "step_time_s": timer.step_time / max(timer.steps, 1),

@@ -35,10 +35,6 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: OptimConfig):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, cfg))
-
-
 class EMA:
     """Exponential moving average of the parameters, kept in fp32 alongside the (possibly sharded)
     parameters: each EMA tensor has the parameter's own layout, so under FSDP2 it is sharded too."""

@@ -7,6 +7,8 @@ sharding, so no rank ever holds the full unsharded model.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -48,6 +50,9 @@ def apply_fsdp(model: nn.Module, param_dtype: torch.dtype | None) -> None:
         # The sCD student runs its JVP pass in fp32 (SCD.md section 3); bf16 compute comes from autocast.
         param_dtype = None
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # The embedders' and the final layer's outputs are views (Linear on 3D input); FSDP2 warns that an
+    # in-place op on them would skip its pre-backward hook. The model only uses them out of place.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     net = network(model)
     blocks = list(net.joint_blocks)
     for i, block in enumerate(blocks):

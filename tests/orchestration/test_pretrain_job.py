@@ -26,12 +26,19 @@ STEPS = 30
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(s3_server):
+    """A local cluster whose workers see AWS credentials and an S3 endpoint, as a user's shell would."""
     import ray
 
+    from tests.conftest import S3_ENV
+
+    saved = dict(os.environ)
+    os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": s3_server})
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
     yield
     ray.shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +104,45 @@ def first_checkpoint_registered(run_dir: Path) -> bool:
         return "checkpoint_00000010" in snapshot.read_text()
     except OSError:
         return False
+
+
+def run_sample_cli(checkpoint_uri: str, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "orchestration/sample.py", "--checkpoint", checkpoint_uri, "--prompt", "a handwritten digit 3",
+         "--prompt", "a handwritten digit 7", "--num-per-prompt", "2", "--steps", "3", "--cfg", "2.0", "--seed", "1",
+         "--out", str(out / "grid.png"), "--out-npz", str(out / "samples.npz")],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_sample_cli_writes_a_grid_and_npz_from_a_checkpoint(reference_run, workspace, tmp_path):
+    import numpy as np
+
+    out = run_sample_cli(str(workspace["root"] / "runs" / "reference" / "checkpoint_00000030"), tmp_path)
+    assert out.returncode == 0, out.stderr
+    data = np.load(tmp_path / "samples.npz", allow_pickle=False)
+    assert data["images"].dtype == np.float32 and data["images"].shape == (4, 1, 8, 8)
+    assert 0.0 <= data["images"].min() and data["images"].max() <= 1.0
+    assert list(data["prompts"]) == ["a handwritten digit 3"] * 2 + ["a handwritten digit 7"] * 2
+    assert (tmp_path / "grid.png").stat().st_size > 0
+
+
+def test_sample_cli_names_a_missing_checkpoint(tmp_path):
+    out = run_sample_cli(str(tmp_path / "nope"), tmp_path)
+    assert out.returncode == 2 and str(tmp_path / "nope") in out.stderr
+
+
+def test_checkpoints_stored_in_s3_resume_and_sample(ray_cluster, workspace, s3_bucket, tmp_path):
+    import s3fs
+
+    storage = f"{s3_bucket}/runs"
+    assert pretrain.main(job_args(workspace, "in-s3", "train.steps=10", f"run.storage_path={storage}")) == 0
+    fs = s3fs.S3FileSystem()
+    assert fs.exists(f"{storage}/in-s3/checkpoint_00000010/COMPLETE")
+    assert pretrain.main(job_args(workspace, "in-s3", "train.steps=20", f"run.storage_path={storage}")) == 0
+    _, run = mlflow_run(workspace, "in-s3")
+    assert run.data.tags["resumed_from_step"] == "10"
+    out = run_sample_cli(f"{storage}/in-s3/checkpoint_00000020", tmp_path)
+    assert out.returncode == 0, out.stderr
 
 
 def kill_one_worker_after_first_checkpoint(run_dir: Path, timeout: float = 300) -> bool:
