@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -441,14 +442,13 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | tuple[s
     return build_config(data, source=str(preset) if preset is not None else "defaults")
 
 
-SECRET_MARKERS = ("secret", "password", "token", "key_id", "access_key", "credential")
+SECRET_NAME = re.compile(r"^(key|token)$|secret|password|passwd|credential|access_key|key_id|_token$")
 
 
 def is_secret(key: str) -> bool:
     """Whether a config key holds a credential. s3fs takes them as ``key``/``secret``/``token`` in storage
-    options; other clients name them more verbosely."""
-    leaf = key.rsplit(".", 1)[-1].lower()
-    return leaf == "key" or any(marker in leaf for marker in SECRET_MARKERS)
+    options; other clients say ``aws_secret_access_key``, ``session_token`` and so on."""
+    return bool(SECRET_NAME.search(key.rsplit(".", 1)[-1].lower()))
 
 
 def _public(node: Any) -> Any:

@@ -41,3 +41,9 @@ def test_credentials_never_reach_params_or_the_config_artifact():
     assert params["data.storage_options.client_kwargs.region_name"] == "eu-west-1"
     for leaked in ("AKIA", "s3cr3t"):
         assert leaked not in dumped and not any(leaked in v for v in params.values())
+
+
+def test_no_schema_key_is_mistaken_for_a_credential():
+    from infra.config import all_keys, is_secret
+
+    assert [k for k in all_keys() if is_secret(k)] == []
