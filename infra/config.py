@@ -124,7 +124,7 @@ class DataConfig(Section):
     text_tokens: int = Field(154, ge=1, description="text sequence length (77 CLIP + 77 T5 in SD3)")
     shuffle: bool = Field(True, description="deterministic shard + block shuffling, seeded by seed and epoch")
     shuffle_block_size: int = Field(4096, ge=1, description="samples per shuffle block")
-    num_workers: int = Field(2, ge=0, description="loader worker processes per rank (spawn)")
+    num_workers: int = Field(2, ge=0, description="loader worker processes per rank (forkserver; 0 = fetch threads only)")
     prefetch: int = Field(4, ge=0, description="batches prefetched per worker")
     cache_dir: str = Field("", description="local shard cache directory; empty disables the cache")
     cache_bytes: int = Field(0, ge=0, description="byte budget of the local cache (0 = unbounded)")
