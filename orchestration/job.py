@@ -176,11 +176,10 @@ class RayHooks(TrainHooks):
             say(f"step {step} | validation loss {metrics['val/loss']:.4f}")
         if self.tracker:
             self.tracker.log_metrics(metrics, step)
-            if images is not None:
-                from orchestration.images import make_grid
+            from orchestration.images import make_grid
 
-                self.tracker.log_image(make_grid(images, nrow=self.cfg.sample.num_per_prompt, scale=4),
-                                       "samples", step)
+            for name, grid in (images or {}).items():
+                self.tracker.log_image(make_grid(grid, nrow=self.cfg.sample.num_per_prompt, scale=4), name, step)
 
     def should_checkpoint(self, step: int, final: bool) -> bool:
         every = self.cfg.checkpoint.every
@@ -204,11 +203,15 @@ class RayHooks(TrainHooks):
             shutil.rmtree(local, ignore_errors=True)
 
 
-def build_recipe(name: str, cfg: JobConfig, empty: dict, loop_config: dict):
+def build_recipe(name: str, cfg: JobConfig, empty: dict):
     if name == "rectified_flow":
         from trainer.recipes.rectified_flow import RectifiedFlowRecipe
 
         return RectifiedFlowRecipe(cfg, empty)
+    if name == "scd":
+        from trainer.recipes.scd import SCDRecipe
+
+        return SCDRecipe(cfg, empty)
     raise ConfigError(f"unknown recipe {name!r}")
 
 
@@ -259,7 +262,7 @@ def train_worker(loop_config: dict) -> None:
     val_iter = iter(val_loader)
     val_batches = [next(val_iter) for _ in range(cfg.train.val_batches)]
     empty = open_dataset(data.url, dict(data.storage_options)).empty_condition()
-    recipe = build_recipe(loop_config["recipe"], cfg, empty, loop_config)
+    recipe = build_recipe(loop_config["recipe"], cfg, empty)
     run_id = loop_config.get("mlflow_run_id")
     tracker = Tracker(cfg.mlflow.tracking_uri, run_id, cfg.mlflow.system_metrics) if rank == 0 and run_id else None
     trainer = Trainer(cfg, recipe, RayHooks(cfg, loader, tracker, rank))
@@ -281,3 +284,105 @@ def train_worker(loop_config: dict) -> None:
             if failures:
                 say(f"warning: {failures} MLflow calls failed or were dropped; training was not affected")
         loader.close() if hasattr(loader, "close") else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver's command line, shared by pretrain.py and distill.py
+# --------------------------------------------------------------------------------------------------
+
+
+def final_grids(cfg: JobConfig, recipe: str, checkpoint_path: str, run_dir: str) -> list[str]:
+    """Sample grids from the final checkpoint's EMA weights, one PNG per sampler setting."""
+    from orchestration.images import make_grid, save_png
+    from orchestration.sample import sample_checkpoint
+
+    if not cfg.sample.prompts:
+        return []
+    uri = checkpoint_path
+    if cfg.run.storage_path.startswith("s3://") and "://" not in uri:
+        uri = "s3://" + uri
+    settings = {"samples": cfg.sample.steps} if recipe == "rectified_flow" else {"samples-1step": 1, "samples-2step": 2}
+    out_dir = Path(run_dir) if "://" not in run_dir else Path.cwd() / cfg.run.name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, steps in settings.items():
+        images, _ = sample_checkpoint(uri, cfg.sample.prompts, cfg.sample.num_per_prompt, steps, cfg.sample.cfg,
+                                      cfg.train.seed, device="cpu")
+        out = out_dir / f"{name}.png"
+        save_png(make_grid(images, nrow=cfg.sample.num_per_prompt, scale=max(1, 64 // images.shape[-1])), out)
+        written.append(str(out))
+    return written
+
+
+def connect_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        # A local cluster binds to loopback only; a given address (or `ray job submit`) joins that cluster.
+        ray.init(address=address, **({} if address else {"_node_ip_address": "127.0.0.1"}),
+                 log_to_driver=True, configure_logging=False)
+
+
+def print_config(preset: str, overrides: list[str]) -> int:
+    """``--dump-config``: the resolved config as YAML, or the error."""
+    from infra.config import load_config
+
+    try:
+        print(dump_config(load_config(preset, overrides)))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run_job(cfg_source, recipe: str, prepare=None) -> int:
+    """Resolve and check the config, open the MLflow run, run the Ray Train job, write the final grids and
+    say where everything is. ``cfg_source()`` returns the loaded config; ``prepare(cfg)`` may adjust it
+    (the distillation job fills in its teacher). Returns the process exit code."""
+    from dataloaders.errors import DataError
+    from infra.config import flat_params
+
+    try:
+        cfg = resolve(cfg_source())
+        if prepare is not None:
+            cfg = prepare(cfg)
+        preflight(cfg)
+    except (ConfigError, DataError, ValueError, OSError, checkpoint.CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    print(f"run {cfg.run.name}: {recipe}, {cfg.cluster.num_workers} {'GPU' if cfg.cluster.use_gpu else 'CPU'} "
+          f"workers, {cfg.train.steps} steps, data {cfg.data.url}, storage {run_dir}", flush=True)
+    run_id = None
+    if cfg.mlflow.enabled:
+        from orchestration.tracking import open_run
+
+        try:
+            run_id = open_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.run.name,
+                              flat_params(cfg), dump_config(cfg))
+        except Exception as e:  # tracking must never stop a job
+            print(f"warning: MLflow at {cfg.mlflow.tracking_uri} is unavailable ({e}); training without it",
+                  file=sys.stderr)
+    connect_ray()
+    result = launch(cfg, run_id, recipe=recipe)
+    if result.error is not None:
+        print(f"error: run {cfg.run.name} failed: {result.error}", file=sys.stderr)
+        return 1
+    grids = final_grids(cfg, recipe, result.checkpoint.path, run_dir) if result.checkpoint else []
+    if grids and run_id:
+        from orchestration.tracking import Tracker
+
+        tracker = Tracker(cfg.mlflow.tracking_uri, run_id, system_metrics=False)
+        for grid in grids:
+            tracker.log_artifact(grid)
+        tracker.close()
+    print(f"\nrun          {run_dir}")
+    print(f"checkpoint   {result.checkpoint.path if result.checkpoint else '-'}")
+    for grid in grids:
+        print(f"sample grid  {grid}")
+    if run_id:
+        print(f"MLflow       {cfg.mlflow.tracking_uri} (experiment {cfg.mlflow.experiment}, run {run_id})")
+        print(f"open it with: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}")
+    return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -55,21 +56,20 @@ def sample_checkpoint(
     from dataloaders.dataset import open_dataset
     from dataloaders.text_encoders import load_text_encoder
     from orchestration.images import latents_to_images
-    from trainer.models.mmdit import MMDiT
-    from trainer.recipes.rectified_flow import RectifiedFlowRecipe
+    from orchestration.job import build_recipe
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with local_checkpoint(uri) as directory:
         cfg = load_job_config(directory)
-        model = MMDiT(cfg.model)
+        opts = dict(cfg.data.storage_options)
+        empty = open_dataset(cfg.data.url, opts).empty_condition()
+        recipe = build_recipe(json.loads((directory / checkpoint.META).read_text())["recipe"], cfg, empty)
+        model = recipe.build_model().to_empty(device="cpu")
         checkpoint.load_weights(model, directory, ema=ema)
     model.to(dev).eval()
-    opts = dict(cfg.data.storage_options)
-    empty = open_dataset(cfg.data.url, opts).empty_condition()
     encoder = load_text_encoder(cfg.data.url, opts)
     expanded = [p for p in prompts for _ in range(num_per_prompt)]
     tokens, pooled = encoder.encode(expanded)
-    recipe = RectifiedFlowRecipe(cfg, empty)
     gen = torch.Generator(device=dev).manual_seed(seed)
     latents = recipe.sample(
         model, torch.as_tensor(tokens).float().to(dev), torch.as_tensor(pooled).float().to(dev), gen,
@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory or URL")
     parser.add_argument("--prompt", action="append", required=True, help="a caption; repeat for more")
     parser.add_argument("--num-per-prompt", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=25, help="Euler steps")
-    parser.add_argument("--cfg", type=float, default=2.0, help="classifier-free guidance weight")
+    parser.add_argument("--steps", type=int, default=25,
+                        help="Euler steps of a pretraining checkpoint; 1 or 2 for a distilled student")
+    parser.add_argument("--cfg", type=float, default=2.0,
+                        help="guidance weight (a student trained with sampled guidance takes it as input)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
     parser.add_argument("--device", default=None)

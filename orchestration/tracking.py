@@ -71,6 +71,9 @@ class Tracker:
     def set_tag(self, key: str, value: str) -> None:
         self._submit(self._set_tag, key, value)
 
+    def log_artifact(self, path: str) -> None:
+        self._submit(self._log_artifact, path)
+
     def close(self, timeout: float = 30.0) -> int:
         """Flush (bounded by ``timeout``) and stop; returns how many calls failed or were dropped."""
         try:
@@ -129,6 +132,9 @@ class Tracker:
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="PNG")
         self._client().log_image(self.run_id, Image.open(io.BytesIO(buf.getvalue())), key=name, step=step)
+
+    def _log_artifact(self, path: str) -> None:
+        self._client().log_artifact(self.run_id, path)
 
     def _set_tag(self, key: str, value: str) -> None:
         self._client().set_tag(self.run_id, key, value)

@@ -52,6 +52,7 @@ def _tensor_state(trainer) -> dict[str, Any]:
         "progress": {
             "step": torch.tensor(trainer.step),
             "nonfinite_total": torch.tensor(trainer.nonfinite_total),
+            "train_seconds": torch.tensor(trainer.train_seconds, dtype=torch.float64),
         },
     }
 
@@ -67,7 +68,8 @@ def save(trainer, directory: str | Path, loader_state: dict | None = None, confi
             (directory / LOADER).write_text(json.dumps(loader_state))
         if config_yaml is not None:
             (directory / "config.yaml").write_text(config_yaml)
-        meta = {"step": trainer.step, "world_size": world_size, "recipe": trainer.recipe.name}
+        meta = {"step": trainer.step, "world_size": world_size, "recipe": trainer.recipe.name,
+                "train_seconds": trainer.train_seconds}
         (directory / META).write_text(json.dumps(meta))
         (directory / COMPLETE).write_text("")
     return directory
@@ -100,6 +102,7 @@ def load(trainer, directory: str | Path) -> dict | None:
     set_optimizer_state_dict(trainer.model, trainer.optimizer, {"state": nested, "param_groups": groups})
     trainer.ema.load_state_dict(state["ema"])
     trainer.nonfinite_total = int(state["progress"]["nonfinite_total"])
+    trainer.train_seconds = float(state["progress"]["train_seconds"])
     trainer.set_step(int(state["progress"]["step"]))
     loader = directory / LOADER
     return json.loads(loader.read_text()) if loader.exists() else None

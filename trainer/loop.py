@@ -45,8 +45,8 @@ class TrainHooks:
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         """Reduced metrics after a logged step."""
 
-    def on_eval(self, step: int, metrics: dict[str, float], images: torch.Tensor | None) -> None:
-        """Validation metrics and, on rank 0, the sample grid's images (N, C, H, W) in [0, 1]."""
+    def on_eval(self, step: int, metrics: dict[str, float], images: dict[str, torch.Tensor] | None) -> None:
+        """Validation metrics and, on rank 0, the evaluation grids by name (images (N, C, H, W) in [0, 1])."""
 
     def should_checkpoint(self, step: int, final: bool) -> bool:
         return False
@@ -126,6 +126,7 @@ class Trainer:
         self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_warmup)
         self.streams = RankStreams(cfg.train.seed, self.rank, self.device)
         self.set_step(0)
+        self.train_seconds = 0.0  # wall-clock of training steps over all launches (compute accounting)
         self.nonfinite_total = 0
         self.nonfinite_run = 0
         img, txt = flops.tokens(cfg)
@@ -247,6 +248,7 @@ class Trainer:
             timer.samples += cfg.global_batch_size
             timer.data_wait += t1 - t0
             timer.step_time += t2 - t0
+            self.train_seconds += t2 - t0
             final = self.step == cfg.steps
             if self.step % cfg.log_every == 0 or final:
                 last = self.log_metrics(local, timer)
@@ -280,10 +282,20 @@ class Trainer:
         return metrics
 
     def evaluate(self, val_batches, eval_condition, to_image) -> None:
+        """Validation losses, then one grid per entry of the recipe's ``eval_grids`` (sampling arguments
+        by grid name; one default grid otherwise) plus the recipe's ``reference_samples`` (say, the
+        teacher's), all for the same prompts and seed."""
         metrics = self.validate(val_batches)
         images = None
         if eval_condition is not None:
-            latents = self.sample_ema(*eval_condition, seed=self.cfg.train.seed)
-            images = to_image(latents) if to_image else latents
+            to_image = to_image or (lambda x: x)
+            seed = self.cfg.train.seed
+            grids = getattr(self.recipe, "eval_grids", {"samples": {}})
+            images = {name: to_image(self.sample_ema(*eval_condition, seed=seed, **kw)) for name, kw in grids.items()}
+            if hasattr(self.recipe, "reference_samples"):
+                context, pooled = (t.to(self.device) for t in eval_condition)
+                with self.autocast():
+                    reference = self.recipe.reference_samples(context, pooled, seed)
+                images.update({name: to_image(x) for name, x in reference.items()})
         self.hooks.on_eval(self.step, metrics, images if self.rank == 0 else None)
 
