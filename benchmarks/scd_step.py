@@ -1,0 +1,153 @@
+"""One sCD iteration's time over one pretraining iteration's: same MM-DiT, batch and device, side by side.
+
+A pretraining iteration is the rectified-flow recipe's loss, backward and an AdamW step. An sCD iteration
+is the sCD recipe's loss (the guided teacher: conditional + unconditional forward; the student's no-grad
+forward-mode JVP pass; the with-grad pass), backward and an AdamW step. The two alternate iteration by
+iteration so that noise on a shared machine hits both alike; the report gives medians, their ratio, and
+the sCD split (teacher, JVP pass, with-grad forward + backward + optimizer). The paper's figure is ~2x.
+
+    python benchmarks/scd_step.py                                     # small CPU config, ~1-2 minutes
+    python benchmarks/scd_step.py --device cuda --depth 24 --resolution 512 --batch 8   # on a GPU
+
+Plain Python, no Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from infra.config import load_config  # noqa: E402
+from trainer import trigflow  # noqa: E402
+from trainer.models.mmdit import build_mmdit  # noqa: E402
+from trainer.optim import build_optimizer  # noqa: E402
+from trainer.recipes.rectified_flow import RectifiedFlowRecipe  # noqa: E402
+from trainer.recipes.scd import SCDRecipe, TrigFlowTeacher  # noqa: E402
+from trainer.rng import RankStreams  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="bf16 = autocast to bfloat16 (default on cuda; the JVP pass stays fp32); fp32 elsewhere")
+    p.add_argument("--depth", type=int, default=4, help="d: blocks and heads (24 = SD3-medium, 38 = 8B)")
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--resolution", type=int, default=128, help="pixel resolution; latents are resolution / 8")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--text-tokens", type=int, default=32, help="154 in SD3 (77 CLIP + 77 T5)")
+    p.add_argument("--context-dim", type=int, default=256, help="4096 in SD3 (T5-XXL)")
+    p.add_argument("--pooled-dim", type=int, default=256, help="2048 in SD3")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="teacher guidance; 1.0 = one teacher forward")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations of each")
+    p.add_argument("--iters", type=int, default=6, help="timed iterations of each")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = torch default)")
+    return p.parse_args()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class SplitTimer:
+    """Wraps the sCD recipe's teacher and JVP calls to time them inside the real objective."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, defaultdict(float)
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            sync(self.device)
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync(self.device)
+            self.seconds[name] += time.perf_counter() - t0
+            return out
+        return timed
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    bf16 = args.precision == "bf16" or (args.precision is None and device.type == "cuda")
+    latent = args.resolution // 8
+    overrides = [
+        f"model.depth={args.depth}", f"model.head_dim={args.head_dim}", "model.in_channels=16",
+        "model.out_channels=16", f"model.context_dim={args.context_dim}", f"model.pooled_dim={args.pooled_dim}",
+        f"model.pos_embed_max_size={max(latent // 2, 8)}", f"data.latent_size={latent}",
+        f"data.text_tokens={args.text_tokens}", f"distill.cfg_scale={args.cfg_scale}",
+        "distill.teacher=(in memory)", "distill.tangent_warmup=none", "optim.lr=1e-5",
+    ]
+    cfg = load_config(None, overrides)
+    empty = {"text_tokens": torch.zeros(args.text_tokens, args.context_dim), "text_pooled": torch.zeros(args.pooled_dim)}
+
+    rf = RectifiedFlowRecipe(cfg, empty)
+    rf_model = build_mmdit(cfg.model, device=device)
+    scd = SCDRecipe(cfg, empty)
+    student = scd.build_model().to_empty(device=device)
+    student.init_weights(0)
+    scd.teacher = TrigFlowTeacher(build_mmdit(cfg.model, device=device), scd.empty_context.to(device),
+                                  scd.empty_pooled.to(device), cfg.distill.sigma_d)
+    split = SplitTimer(device)
+    scd.teacher_velocity = split.wrap("teacher", scd.teacher_velocity)
+    trigflow.rearranged_jvp = split.wrap("jvp", trigflow.rearranged_jvp)  # the recipe calls it via the module
+
+    gen = torch.Generator().manual_seed(0)
+    B = args.batch
+    batch = {"latent": torch.randn(B, 16, latent, latent, generator=gen).to(device),
+             "text_tokens": torch.randn(B, args.text_tokens, args.context_dim, generator=gen).to(device),
+             "text_pooled": torch.randn(B, args.pooled_dim, generator=gen).to(device)}
+    streams = RankStreams(0, 0, device)
+
+    def iteration(recipe, model, optimizer) -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = recipe.loss(model, batch, streams)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        return time.perf_counter() - t0
+
+    opt_rf, opt_scd = build_optimizer(rf_model, cfg.optim), build_optimizer(student, cfg.optim)
+    times = {"pretrain": [], "scd": []}
+    splits = []
+    for i in range(args.warmup + args.iters):
+        t_rf = iteration(rf, rf_model, opt_rf)
+        split.seconds.clear()
+        t_scd = iteration(scd, student, opt_scd)
+        if i >= args.warmup:
+            times["pretrain"].append(t_rf)
+            times["scd"].append(t_scd)
+            splits.append({**split.seconds, "with_grad": t_scd - sum(split.seconds.values())})
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    pairs = statistics.median(s / p for s, p in zip(times["scd"], times["pretrain"]))
+    n_params = sum(p.numel() for p in rf_model.parameters())
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"device {name}, torch {torch.__version__}, {'bf16 autocast' if bf16 else 'fp32'}; depth {args.depth}, "
+          f"head_dim {args.head_dim}, {n_params / 1e6:.1f}M params, batch {B}, latent {latent}x{latent}, "
+          f"{args.text_tokens} text tokens, teacher CFG w={args.cfg_scale}")
+    print(f"pretraining iteration  {med['pretrain'] * 1e3:9.1f} ms (median of {args.iters})")
+    print(f"sCD iteration          {med['scd'] * 1e3:9.1f} ms")
+    print(f"ratio sCD / pretrain   {med['scd'] / med['pretrain']:9.2f}x (medians), {pairs:.2f}x (median of pairs)")
+    for part in ("teacher", "jvp", "with_grad"):
+        value = statistics.median(s[part] for s in splits)
+        print(f"  {part:<10} {value * 1e3:9.1f} ms  {value / med['scd']:6.1%} of sCD, "
+              f"{value / med['pretrain']:5.2f}x pretrain")
+
+
+if __name__ == "__main__":
+    main()
