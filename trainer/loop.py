@@ -266,6 +266,12 @@ class Trainer:
         reduced = self.all_reduce_sum(torch.stack([local[k].to(self.device).float() for k in names]))
         metrics = {k: float(reduced[i]) / self.world_size for i, k in enumerate(names)}
         metrics["grad_norm"] = float(local["grad_norm"])  # already global
+        # A recipe reports a per-bucket mean as NAME_sum and NAME_count (exact after reduction over ranks).
+        for key in [k for k in names if k.endswith("_sum") and k[:-4] + "_count" in metrics]:
+            base = key[:-4]
+            count = metrics.pop(base + "_count")
+            total = metrics.pop(key)
+            metrics[base] = total / count if count else float("nan")
         elapsed = max(time.perf_counter() - timer.started, 1e-9)
         samples_per_s = timer.samples / elapsed
         metrics.update({

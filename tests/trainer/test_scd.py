@@ -156,7 +156,7 @@ def test_a_non_finite_sample_is_zeroed_and_counted(teacher, seed, gen, monkeypat
     loss, metrics = recipe.objective(student, x0, z, tau, ctx, pooled, w)
     loss.backward()
     assert torch.isfinite(loss) and float(metrics["nonfinite_samples"]) == 1, f"seed {seed}"
-    assert sum(float(metrics[f"tau{i}_count"]) for i in range(4)) == 3, f"seed {seed}"
+    assert sum(float(metrics[f"tau{i}_loss_count"]) for i in range(4)) == 3, f"seed {seed}"
     assert all(torch.isfinite(p.grad).all() for p in student.parameters()), f"seed {seed}"
     # The three clean samples' loss is unchanged by the bad one: recompute them alone.
     keep = torch.tensor([0, 1, 3])

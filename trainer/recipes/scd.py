@@ -17,7 +17,7 @@ import torch.nn as nn
 import yaml
 
 from infra.config import JobConfig, ModelConfig
-from trainer import trigflow
+from trainer import flow, trigflow
 from trainer.checkpoint import check_complete, load_weights
 from trainer.loop import resolve_precision
 from trainer.models.mmdit import MMDiT, canonical_name
@@ -260,7 +260,7 @@ class SCDRecipe:
         for i in range(TAU_BUCKETS):
             hit = (bucket == i) & finite
             out[f"tau{i}_loss_sum"] = per_sample.float()[hit].sum()
-            out[f"tau{i}_count"] = hit.float().sum()
+            out[f"tau{i}_loss_count"] = hit.float().sum()
         return out
 
     # ---- validation and sampling --------------------------------------------------------------------
@@ -303,6 +303,31 @@ class SCDRecipe:
                 out[key] = out.get(key, 0.0) + err.sum()
         reshard(model)
         return out
+
+    # ---- evaluation grids ----------------------------------------------------------------------------
+
+    # The loop samples one grid per entry from the student's EMA weights (trainer.loop.Trainer.evaluate).
+    eval_grids = {"student_1step": {"steps": 1}, "student_2step": {"steps": 2}}
+    TEACHER_STEPS = 50
+
+    @torch.no_grad()
+    def reference_samples(self, context: torch.Tensor, pooled: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+        """The teacher's grid for the same prompts (Euler, 50 steps, CFG at distill.cfg_scale), computed once:
+        the teacher is frozen. Same starting noise as the student's grids (shared seed and shape)."""
+        if self.teacher is None:
+            return {}
+        if getattr(self, "_teacher_grid", None) is None:
+            size = self.cfg.data.latent_size
+            gen = torch.Generator(device=context.device).manual_seed(seed)
+            noise = torch.randn((context.shape[0], self.cfg.model.in_channels, size, size), generator=gen,
+                                device=context.device)
+            self._teacher_grid = flow.euler_sample(
+                self.teacher.net, noise, context, pooled, steps=self.TEACHER_STEPS,
+                cfg_scale=self.cfg.distill.cfg_scale, shift=self.cfg.sample.shift,
+                empty_context=self.empty_context.to(context.device), empty_pooled=self.empty_pooled.to(context.device),
+            )
+            reshard(self.teacher.net)
+        return {"teacher": self._teacher_grid}
 
     @torch.no_grad()
     def sample(
