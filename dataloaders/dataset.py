@@ -375,13 +375,13 @@ def build_loader(cfg, *, rank: int, world_size: int, global_batch_size: int, see
                        fetch_threads=cfg.fetch_threads, cache_dir=cfg.cache_dir, cache_bytes=cfg.cache_bytes,
                        on_corrupt=cfg.on_corrupt, verify_checksums=cfg.verify_checksums)
     ds = open_dataset(url, read.storage_options, read.retries, read.timeout_s)
-    _check_shapes(ds.manifest, cfg)
+    check_shapes(ds.manifest, cfg)
     return ds.loader(rank=rank, world_size=world_size, global_batch_size=global_batch_size, seed=seed,
                      shuffle=cfg.shuffle, shuffle_block_size=cfg.shuffle_block_size, num_workers=cfg.num_workers,
                      prefetch=cfg.prefetch, read=read)
 
 
-def _check_shapes(manifest: Manifest, cfg) -> None:
+def check_shapes(manifest: Manifest, cfg) -> None:
     """The dataset must hold what the config promises the model (latent side, text length)."""
     latent = manifest.column("latent").shape
     tokens = manifest.column("text_tokens").shape

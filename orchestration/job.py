@@ -76,10 +76,10 @@ def storage(cfg: JobConfig):
 def preflight(cfg: JobConfig) -> None:
     """Fail before any worker starts: the dataset's manifest must open and match the model, the storage
     path must be writable."""
-    from dataloaders.dataset import _check_shapes, open_dataset
+    from dataloaders.dataset import check_shapes, open_dataset
 
     ds = open_dataset(cfg.data.url, dict(cfg.data.storage_options), cfg.data.retries, cfg.data.timeout_s)
-    _check_shapes(ds.manifest, cfg.data)
+    check_shapes(ds.manifest, cfg.data)
     probe = f".flowscale-write-probe-{uuid.uuid4().hex}"
     path, fs = storage(cfg)
     try:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from infra.config import JobConfig, ModelConfig
 
 # Activation elements a joint block saves for backward, per token, in units of the model width D
-# (measured with saved-tensor hooks; tests/trainer/test_flops.py re-measures it). Attention itself
+# (measured with saved-tensor hooks; tests/trainer/test_inspect.py re-measures it). Attention itself
 # saves only O(S * D) (flash-style kernels keep the log-sum-exp, not the S x S matrix).
 SAVED_ELEMENTS_PER_TOKEN_PER_BLOCK = 26.3
 

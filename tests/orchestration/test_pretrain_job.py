@@ -15,47 +15,12 @@ import psutil
 import pytest
 import torch
 
-from dataloaders.prepare import ensure_digits
 from orchestration import pretrain
+from tests.orchestration.conftest import REPO, STEPS, job_args, mlflow_run, run_sample_cli
 from trainer import checkpoint
 from trainer.models.mmdit import MMDiT
 from infra.config import load_config
 
-REPO = Path(__file__).resolve().parents[2]
-STEPS = 30
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3_server):
-    """A local cluster whose workers see AWS credentials and an S3 endpoint, as a user's shell would."""
-    import ray
-
-    from tests.conftest import S3_ENV
-
-    saved = dict(os.environ)
-    os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": s3_server})
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
-    yield
-    ray.shutdown()
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrain")
-    return {"root": root, "data": ensure_digits(root / "digits"), "mlflow": f"sqlite:///{root / 'mlflow.db'}"}
-
-
-def job_args(ws, name: str, *extra: str) -> list[str]:
-    return [
-        "model.depth=2", "model.head_dim=16", "train.global_batch_size=16", f"train.steps={STEPS}",
-        "train.log_every=5", "train.eval_every=0", "train.val_batches=1", "optim.schedule=constant",
-        "optim.warmup_steps=0", "checkpoint.every=10", "checkpoint.keep=2", "sample.steps=3",
-        "sample.num_per_prompt=1", "cluster.max_failures=2", "mlflow.system_metrics=false",
-        f"data.url={ws['data']}", f"run.storage_path={ws['root'] / 'runs'}", f"run.name={name}",
-        f"mlflow.tracking_uri={ws['mlflow']}", *extra,
-    ]
 
 
 def final_weights(ws, name: str, step: int = STEPS) -> dict[str, torch.Tensor]:
@@ -63,15 +28,6 @@ def final_weights(ws, name: str, step: int = STEPS) -> dict[str, torch.Tensor]:
     model = MMDiT(load_config("demo", ["model.depth=2", "model.head_dim=16"]).model)
     checkpoint.load_weights(model, directory, ema=False)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def mlflow_run(ws, name: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(ws["mlflow"])
-    exp = client.get_experiment_by_name("demo")
-    (run,) = client.search_runs([exp.experiment_id], filter_string=f"tags.`flowscale.run_name` = '{name}'")
-    return client, run
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +60,6 @@ def first_checkpoint_registered(run_dir: Path) -> bool:
         return "checkpoint_00000010" in snapshot.read_text()
     except OSError:
         return False
-
-
-def run_sample_cli(checkpoint_uri: str, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "orchestration/sample.py", "--checkpoint", checkpoint_uri, "--prompt", "a handwritten digit 3",
-         "--prompt", "a handwritten digit 7", "--num-per-prompt", "2", "--steps", "3", "--cfg", "2.0", "--seed", "1",
-         "--out", str(out / "grid.png"), "--out-npz", str(out / "samples.npz")],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
 def test_sample_cli_writes_a_grid_and_npz_from_a_checkpoint(reference_run, workspace, tmp_path):

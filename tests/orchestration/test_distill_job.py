@@ -1,0 +1,69 @@
+"""The distillation job on a real local Ray cluster: it starts a student from a pretraining checkpoint,
+tracks the sCD metrics and the student/teacher grids in MLflow, and its checkpoints sample in 1 and 2
+steps; without a teacher it says which command to run first."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from orchestration import distill, pretrain
+from tests.orchestration.conftest import REPO, job_args, mlflow_run, run_sample_cli
+
+DISTILL_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def teacher(ray_cluster, workspace):
+    assert pretrain.main(job_args(workspace, "teacher", "train.steps=10")) == 0
+    return workspace["root"] / "runs" / "teacher" / "checkpoint_00000010"
+
+
+def distill_args(ws, name: str, *extra: str) -> list[str]:
+    return [
+        "train.global_batch_size=16", f"train.steps={DISTILL_STEPS}", "train.log_every=3", "train.eval_every=0",
+        "train.val_batches=1", "train.val_timesteps=[0.5]", "checkpoint.every=3", "sample.num_per_prompt=1",
+        "distill.tangent_warmup_steps=4", "cluster.max_failures=0", "mlflow.system_metrics=false",
+        f"data.url={ws['data']}", f"run.storage_path={ws['root'] / 'runs'}", f"run.name={name}",
+        f"mlflow.tracking_uri={ws['mlflow']}", *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def student(teacher, workspace):
+    assert distill.main(["--teacher", str(teacher), *distill_args(workspace, "student")]) == 0
+    return workspace["root"] / "runs" / "student" / f"checkpoint_{DISTILL_STEPS:08d}"
+
+
+def test_distillation_tracks_scd_metrics_and_grids(student, workspace):
+    client, run = mlflow_run(workspace, "student", experiment="distill-demo")
+    metrics = run.data.metrics
+    for key in ("loss", "tangent_warmup_r", "tangent_norm", "logvar_mean", "val/loss", "grad_norm"):
+        assert key in metrics, key
+    assert any(f"tau{i}_loss" in metrics for i in range(4))
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "tangent_warmup_r")] == [0.5, 1.0]  # r = min(1, i / 4) at iterations i = 2, 5
+    assert run.data.params["model.depth"] == "2"  # the student took the teacher's architecture
+    images = " ".join(a.path for a in client.list_artifacts(run.info.run_id, "images"))
+    for grid in ("student_1step", "student_2step", "teacher"):
+        assert grid in images, images
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "samples-1step.png" in artifacts and "samples-2step.png" in artifacts
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_student_checkpoint_samples_in_one_and_two_steps(student, tmp_path, steps):
+    out = run_sample_cli(str(student), tmp_path, steps=steps)
+    assert out.returncode == 0, out.stderr
+    images = np.load(tmp_path / "samples.npz", allow_pickle=False)["images"]
+    assert images.shape == (4, 1, 8, 8) and np.isfinite(images).all()
+
+
+def test_without_a_teacher_it_names_the_command_to_run_first(tmp_path):
+    out = subprocess.run([sys.executable, "orchestration/distill.py"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "FLOWSCALE_HOME": str(tmp_path)})
+    assert out.returncode == 2
+    assert "python orchestration/pretrain.py" in out.stderr and "--teacher" in out.stderr

@@ -1,0 +1,64 @@
+"""`python -m trainer.inspect`: exact parameters, stream-aware FLOPs that agree with FlopCounterMode, and an
+activation model that matches what a block really saves for backward."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from infra.config import load_config
+from trainer import flops
+from trainer.inspect import inspect_config
+from trainer.models.mmdit import build_mmdit
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_8b_preset_answers_with_exact_parameters_and_json_keys():
+    out = subprocess.run([sys.executable, "-m", "trainer.inspect", "mmdit-8b", "--gpus", "64", "--json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["params"] == 8_056_627_520
+    assert sum(report["params_per_stream"].values()) == report["params"]
+    assert {"params", "flops_per_sample", "memory_per_gpu_gib"} <= set(report)
+    assert abs(report["flops_formula_over_counted"] - 1) < 0.02  # embedders and the pre-only stream aside
+    mem = report["memory_per_gpu_gib"]
+    assert mem["with_checkpointing"]["activations"] < mem["without_checkpointing"]["activations"]
+
+
+def test_memory_shards_with_the_number_of_gpus():
+    cfg = load_config("mmdit-2b")
+    one, eight = (inspect_config(cfg, g, micro_batch=4, count_flops=False)["memory_per_gpu_gib"] for g in (1, 8))
+    for key in ("params", "grads", "optimizer", "ema"):
+        assert abs(one["without_checkpointing"][key] / eight["without_checkpointing"][key] - 8) < 1e-9
+
+
+def test_a_config_typo_is_reported_by_key():
+    out = subprocess.run([sys.executable, "-m", "trainer.inspect", "demo", "model.dpeth=3"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "model.dpeth" in out.stderr and "model.depth" in out.stderr
+
+
+def test_saved_activations_per_token_match_the_memory_model():
+    cfg = load_config("demo", ["model.depth=3", "model.head_dim=32", "data.latent_size=16"])
+    model = build_mmdit(cfg.model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    B = 2
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(B, 1, 16, 16), torch.rand(B), torch.randn(B, 16, 64), torch.randn(B, 64))
+    img, txt = flops.tokens(cfg)
+    per_token = sum(saved.values()) / 4 / (B * (img + txt) * cfg.model.depth * cfg.model.hidden_size)
+    assert abs(per_token / flops.SAVED_ELEMENTS_PER_TOKEN_PER_BLOCK - 1) < 0.05, per_token
