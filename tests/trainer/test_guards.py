@@ -1,6 +1,6 @@
 """Numerical guards of the loop: a non-finite step is skipped and counted; too many in a row stop the job
-with an error naming the step, before anything is checkpointed over; activation checkpointing changes
-memory, not numbers."""
+with an error naming the step, before anything is checkpointed over; activation checkpointing and per-block
+compile change memory and speed, not numbers."""
 
 from __future__ import annotations
 
@@ -74,3 +74,21 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.slow
+def test_per_block_compile_gives_the_same_loss_and_gradients():
+    results = []
+    for compiled in (False, True):
+        cfg = load_config("demo", BASE + ["train.steps=1", f"train.compile={str(compiled).lower()}"])
+        trainer = Trainer(cfg, RectifiedFlowRecipe(cfg, EMPTY))
+        with torch.no_grad():
+            for p in trainer.model.parameters():
+                p.add_(0.02)
+        loss, _ = trainer.recipe.loss(trainer.model, next(batches(1)), trainer.streams.at_step(0))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
