@@ -57,19 +57,16 @@ def resolve(cfg: JobConfig) -> JobConfig:
 
 
 def storage(cfg: JobConfig):
-    """(storage_path, storage_filesystem) for Ray's RunConfig; s3:// with a custom endpoint goes through
-    a pyarrow S3FileSystem and a bucket-relative path."""
+    """(storage_path, storage_filesystem) for Ray's RunConfig. s3:// with a custom endpoint (an S3-compatible
+    store) goes through s3fs wrapped as a pyarrow filesystem, with a bucket-relative path: s3fs follows the
+    standard AWS settings (credentials chain, checksum modes) that such stores need."""
     path = cfg.run.storage_path
     endpoint = cfg.run.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
     if path.startswith("s3://") and endpoint:
-        from pyarrow.fs import S3FileSystem
+        import s3fs
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        scheme = "http" if endpoint.startswith("http://") else "https"
-        fs = S3FileSystem(
-            endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme,
-            region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-        )
-        return path[len("s3://"):], fs
+        return path[len("s3://"):], PyFileSystem(FSSpecHandler(s3fs.S3FileSystem(endpoint_url=endpoint)))
     return path, None
 
 

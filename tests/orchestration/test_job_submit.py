@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +40,7 @@ def ray_head():
 def test_job_submitted_to_a_local_head_succeeds(ray_head, tmp_path):
     address, env = ray_head
     data = ensure_digits(tmp_path / "digits")
-    out = subprocess.run(
+    submit = lambda: subprocess.run(  # noqa: E731
         ["ray", "job", "submit", "--address", address, "--working-dir", ".", "--",
          "python", "orchestration/pretrain.py", "model.depth=2", "model.head_dim=16", "train.steps=4",
          "train.global_batch_size=8", "train.log_every=2", "checkpoint.every=0", "train.val_batches=1",
@@ -48,6 +49,12 @@ def test_job_submitted_to_a_local_head_succeeds(ray_head, tmp_path):
          f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=600,
     )
+    out = submit()
+    for _ in range(10):  # a fresh head's job agent can take a few seconds to register
+        if "No available agent" not in out.stderr:
+            break
+        time.sleep(3)
+        out = submit()
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout + out.stderr
     assert "step 4/4" in out.stdout
