@@ -47,7 +47,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     from scipy import linalg
 
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    # Features that never fire make the covariances singular; a tiny ridge keeps the square root defined.
+    ridge = 1e-6 * np.eye(a.shape[1])
+    s_a, s_b = np.cov(a, rowvar=False) + ridge, np.cov(b, rowvar=False) + ridge
     covmean = np.real(linalg.sqrtm(s_a @ s_b))
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
 
