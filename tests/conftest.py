@@ -1,4 +1,5 @@
-"""Shared S3 fixtures: a real HTTP S3 endpoint (moto's server) on 127.0.0.1, reset between tests.
+"""Session-wide test setup: Triton's interpreter on CPU-only machines, and the shared S3 fixtures: a real
+HTTP S3 endpoint (moto's server) on 127.0.0.1, reset between tests.
 
 A real endpoint rather than in-process mocking, because s3fs/aiobotocore and pyarrow's C++ client bypass
 Python-level mocks, and because loader worker processes must reach it too (they inherit the env vars).
@@ -6,12 +7,20 @@ Python-level mocks, and because loader worker processes must reach it too (they 
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import urllib.request
 import uuid
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported, and libraries imported by other test directories
+# (transformers, diffusers) import it early. This root conftest loads before any test module, so on a machine
+# without CUDA every Triton kernel runs in the interpreter on CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -5,10 +5,7 @@ import os
 import pytest
 import torch
 
-# Triton decides between compiling and interpreting when a kernel is defined, i.e. when kernels.jvp_triton is
-# first imported, which only the Triton tests do; on a machine without CUDA they run interpreted on CPU.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# TRITON_INTERPRET is set in tests/conftest.py: it must be in place before anything imports Triton.
 
 SEED_ENV = "KERNEL_TEST_SEED"
 

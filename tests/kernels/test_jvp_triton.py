@@ -18,7 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def test_runs_compiled_on_cuda_or_interpreted_on_cpu():
     assert DEVICE == "cuda" or jvp_triton.is_interpreting(), (
-        "kernels.jvp_triton was imported before tests/kernels/conftest.py set TRITON_INTERPRET=1; "
+        "kernels.jvp_triton was imported before tests/conftest.py set TRITON_INTERPRET=1; "
         "run with TRITON_INTERPRET=1 in the environment"
     )
 
