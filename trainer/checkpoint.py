@@ -5,17 +5,21 @@ Every rank writes its own shard files into one directory (``__{rank}_0.distcp``;
 pickled objects): model, AdamW moments, EMA, step counters. The LR schedule is a pure function of the
 step and is re-derived. The loader's position (plain JSON) and the resolved config sit beside the shards.
 ``COMPLETE`` is written last: a directory without it was interrupted and is never loaded. DCP reshards on
-load, so a checkpoint written by N ranks loads on M.
+load, so a checkpoint written by N ranks loads on M. DCP's own ``.metadata`` is a pickle; it is only ever
+read through an allow-list unpickler, so loading a checkpoint cannot run code.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -34,6 +38,47 @@ LOADER = "loader.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be used, with the path and what is missing."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP writes its ``.metadata`` with pickle, and its reader unpickles whatever is there. This one resolves
+    only what that file is made of (DCP's metadata classes, torch.Size, dtypes, layouts, paths), so loading a
+    checkpoint from any storage cannot run code."""
+
+    DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem",
+                   "torch.distributed.checkpoint.planner")
+    ALLOWED = {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+               ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+    def find_class(self, module: str, name: str):
+        if module in self.DCP_MODULES:
+            found = super().find_class(module, name)
+            if isinstance(found, type):
+                return found
+        elif module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
+            return getattr(torch, name)
+        elif (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"checkpoint metadata refers to {module}.{name}, which no checkpoint holds; refusing to load it"
+        )
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with the metadata read through ``_MetadataUnpickler`` (tensors are already read
+    with ``weights_only=True``)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"checkpoint {self.path}: {e}") from None
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
 
 
 def _optimizer_tensors(trainer) -> tuple[dict[str, torch.Tensor], list]:
@@ -85,6 +130,7 @@ def check_complete(directory: str | Path) -> Path:
             f"checkpoint {directory} is incomplete (missing {', '.join(missing)}): it was interrupted while "
             f"being written; use an earlier checkpoint"
         )
+    SafeFileSystemReader(str(directory)).read_metadata()  # refuses metadata that would run code
     return directory
 
 
@@ -92,7 +138,7 @@ def load(trainer, directory: str | Path) -> dict | None:
     """Restore the trainer in place (resharding as needed); returns the loader state, if saved."""
     directory = check_complete(directory)
     state = _tensor_state(trainer)
-    dcp.load(state, checkpoint_id=str(directory))
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(directory)))
     trainer.model.load_state_dict(state["model"])
     _, groups = _optimizer_tensors(trainer)
     nested: dict[str, dict] = {}
@@ -121,7 +167,7 @@ def load_weights(model: torch.nn.Module, directory: str | Path, ema: bool = True
     prefix = "ema.shadow." if ema else "model."
     stored = {
         prefix + canonical_name(key[len(prefix):]): key
-        for key in dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+        for key in SafeFileSystemReader(str(directory)).read_metadata().state_dict_metadata
         if key.startswith(prefix)
     }
     params = dict(model.named_parameters())
@@ -136,7 +182,7 @@ def load_weights(model: torch.nn.Module, directory: str | Path, ema: bool = True
         keys[n] = stored[wanted]
     target = {keys[n]: torch.empty_like(p, dtype=torch.float32) for n, p in params.items()}
     sharded = any(isinstance(p, DTensor) for p in params.values())
-    dcp.load(target, checkpoint_id=str(directory), no_dist=not sharded)
+    dcp.load(target, storage_reader=SafeFileSystemReader(str(directory)), no_dist=not sharded)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(target[keys[n]].to(p.dtype))

@@ -135,3 +135,24 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
     (tmp_path / ".metadata").write_text("")
     with pytest.raises(checkpoint.CheckpointError, match="incomplete.*COMPLETE"):
         checkpoint.check_complete(tmp_path)
+
+
+def test_checkpoint_metadata_that_would_run_code_is_refused(tmp_path):
+    """DCP's metadata is a pickle; loading must not execute what a tampered file asks for."""
+    import pickle
+
+    cfg = load_config("demo", OVERRIDES + ["train.steps=1"])
+    trainer = Trainer(cfg, RectifiedFlowRecipe(cfg, EMPTY))
+    checkpoint.save(trainer, tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(checkpoint.CheckpointError, match="posix.system|os.system"):
+        checkpoint.load(Trainer(cfg, RectifiedFlowRecipe(cfg, EMPTY)), tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match="refusing"):
+        checkpoint.load_weights(RectifiedFlowRecipe(cfg, EMPTY).build_model().to_empty(device="cpu"), tmp_path)
+    assert not marker.exists()
