@@ -99,7 +99,7 @@ def preflight(cfg: JobConfig) -> None:
         raise ConfigError(f"run.storage_path={cfg.run.storage_path} is not writable: {e}") from None
 
 
-def launch(cfg: JobConfig, mlflow_run_id: str | None, recipe: str = "rectified_flow", extra: dict | None = None):
+def launch(cfg: JobConfig, mlflow_run_id: str | None, recipe: str = "rectified_flow"):
     """Run the job on the connected Ray cluster; returns Ray Train's Result."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -107,8 +107,7 @@ def launch(cfg: JobConfig, mlflow_run_id: str | None, recipe: str = "rectified_f
     path, fs = storage(cfg)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id,
-                           "recipe": recipe, **(extra or {})},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id, "recipe": recipe},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})},
@@ -280,7 +279,7 @@ def train_worker(loop_config: dict) -> None:
             failures = tracker.close()
             if failures:
                 say(f"warning: {failures} MLflow calls failed or were dropped; training was not affected")
-        loader.close() if hasattr(loader, "close") else None
+        loader.close()
 
 
 # --------------------------------------------------------------------------------------------------
