@@ -298,7 +298,7 @@ def final_grids(cfg: JobConfig, recipe: str, checkpoint_path: str, run_dir: str)
     if cfg.run.storage_path.startswith("s3://") and "://" not in uri:
         uri = "s3://" + uri
     settings = {"samples": cfg.sample.steps} if recipe == "rectified_flow" else {"samples-1step": 1, "samples-2step": 2}
-    out_dir = Path(run_dir) if "://" not in run_dir else Path.cwd() / cfg.run.name
+    out_dir = Path(run_dir) if "://" not in run_dir else HOME / "grids" / cfg.run.name  # remote runs: locally
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name, steps in settings.items():

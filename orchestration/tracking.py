@@ -13,10 +13,19 @@ import logging
 import os
 import queue
 import threading
+from pathlib import Path
 import numpy as np
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG = "flowscale.run_name"
+def artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts of a local SQLite store live beside the database file. MLflow's default is ``./mlruns``
+    relative to wherever the command ran, which scatters a run's images across working directories."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
 def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str], config_yaml: str) -> str:
     """The id of the MLflow run named ``run_name`` in ``experiment``, created if new. Driver side."""
     import mlflow
@@ -25,7 +34,7 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root(tracking_uri))
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
     if found:
         return found[0].info.run_id

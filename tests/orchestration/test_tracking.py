@@ -47,3 +47,14 @@ def test_no_schema_key_is_mistaken_for_a_credential():
     from infra.config import all_keys, is_secret
 
     assert [k for k in all_keys() if is_secret(k)] == []
+
+
+def test_artifacts_of_a_sqlite_store_live_beside_the_database(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path.parent)  # artifacts must not follow the working directory
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = open_run(uri, "exp-artifacts", "run-b", {}, "model: {}\n")
+    location = MlflowClient(uri).get_run(run_id).info.artifact_uri
+    assert location.startswith((tmp_path / "mlartifacts").as_uri()), location
+    assert (tmp_path / "mlartifacts").is_dir()
