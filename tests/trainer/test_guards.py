@@ -58,19 +58,21 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_the_step_named():
     assert hooks.checkpoints == [1, 2]  # nothing was saved from the failing steps
 
 
+def loss_and_grads(*overrides: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One step's loss and gradients of a fresh demo trainer, off adaLN-Zero's identity so every block matters."""
+    cfg = load_config("demo", BASE + ["train.steps=1", *overrides])
+    trainer = Trainer(cfg, RectifiedFlowRecipe(cfg, EMPTY))
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(0.02)
+    loss, _ = trainer.recipe.loss(trainer.model, next(batches(1)), trainer.streams.at_step(0))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
+
+
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
-    results = []
-    for ac in (False, True):
-        cfg = load_config("demo", BASE + ["train.steps=1", f"train.activation_checkpointing={str(ac).lower()}"])
-        trainer = Trainer(cfg, RectifiedFlowRecipe(cfg, EMPTY))
-        with torch.no_grad():
-            for p in trainer.model.parameters():
-                p.add_(0.02)  # leave adaLN-Zero's identity so every block matters
-        batch = next(batches(1))
-        loss, _ = trainer.recipe.loss(trainer.model, batch, trainer.streams.at_step(0))
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+    loss_a, grads_a = loss_and_grads("train.activation_checkpointing=false")
+    loss_b, grads_b = loss_and_grads("train.activation_checkpointing=true")
     torch.testing.assert_close(loss_a, loss_b, rtol=0, atol=0)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
@@ -78,17 +80,8 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
 
 @pytest.mark.slow
 def test_per_block_compile_gives_the_same_loss_and_gradients():
-    results = []
-    for compiled in (False, True):
-        cfg = load_config("demo", BASE + ["train.steps=1", f"train.compile={str(compiled).lower()}"])
-        trainer = Trainer(cfg, RectifiedFlowRecipe(cfg, EMPTY))
-        with torch.no_grad():
-            for p in trainer.model.parameters():
-                p.add_(0.02)
-        loss, _ = trainer.recipe.loss(trainer.model, next(batches(1)), trainer.streams.at_step(0))
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]))
-    (loss_a, grads_a), (loss_b, grads_b) = results
+    loss_a, grads_a = loss_and_grads("train.compile=false")
+    loss_b, grads_b = loss_and_grads("train.compile=true")
     torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-7)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
