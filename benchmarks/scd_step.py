@@ -1,10 +1,16 @@
 """One sCD iteration's time over one pretraining iteration's: same MM-DiT, batch and device, side by side.
 
 A pretraining iteration is the rectified-flow recipe's loss, backward and an AdamW step. An sCD iteration
-is the sCD recipe's loss (the guided teacher: conditional + unconditional forward; the student's no-grad
-forward-mode JVP pass; the with-grad pass), backward and an AdamW step. The two alternate iteration by
-iteration so that noise on a shared machine hits both alike; the report gives medians, their ratio, and
-the sCD split (teacher, JVP pass, with-grad forward + backward + optimizer). The paper's figure is ~2x.
+is the sCD recipe's loss (the guided teacher: conditional + unconditional forward; the student's F^- and
+its JVP; the with-grad pass), backward and an AdamW step, once per ``distill.jvp_pass``:
+
+  fused       one with-grad pass that also carries the tangent (F^- = stop-grad F)
+  separate    a no-grad tangent pass, then the with-grad pass
+  forward_ad  torch.func.jvp under no_grad, then the with-grad pass (the reference)
+
+All of them and the pretraining iteration alternate iteration by iteration, so that noise on a shared
+machine hits them alike; the report gives medians, ratios to pretraining, and each sCD iteration's split
+(teacher; student passes; backward + AdamW). The paper's figure is ~2x.
 
     python benchmarks/scd_step.py                                     # small CPU config, ~1-2 minutes
     python benchmarks/scd_step.py --device cuda --depth 24 --resolution 512 --batch 8   # on a GPU
@@ -26,12 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infra.config import load_config  # noqa: E402
-from trainer import trigflow  # noqa: E402
 from trainer.models.mmdit import build_mmdit  # noqa: E402
 from trainer.optim import build_optimizer  # noqa: E402
 from trainer.recipes.rectified_flow import RectifiedFlowRecipe  # noqa: E402
 from trainer.recipes.scd import SCDRecipe, TrigFlowTeacher  # noqa: E402
 from trainer.rng import RankStreams  # noqa: E402
+
+PASSES = ("fused", "separate", "forward_ad")
 
 
 def parse_args() -> argparse.Namespace:
@@ -50,6 +57,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations of each")
     p.add_argument("--iters", type=int, default=6, help="timed iterations of each")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = torch default)")
+    p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES, help="distill.jvp_pass values to time")
     return p.parse_args()
 
 
@@ -59,7 +67,7 @@ def sync(device: torch.device) -> None:
 
 
 class SplitTimer:
-    """Wraps the sCD recipe's teacher and JVP calls to time them inside the real objective."""
+    """Wraps a recipe's teacher and student passes to time them inside the real objective."""
 
     def __init__(self, device: torch.device):
         self.device, self.seconds = device, defaultdict(float)
@@ -73,6 +81,7 @@ class SplitTimer:
             self.seconds[name] += time.perf_counter() - t0
             return out
         return timed
+
 
 
 def main() -> None:
@@ -94,14 +103,20 @@ def main() -> None:
 
     rf = RectifiedFlowRecipe(cfg, empty)
     rf_model = build_mmdit(cfg.model, device=device)
-    scd = SCDRecipe(cfg, empty)
-    student = scd.build_model().to_empty(device=device)
-    student.init_weights(0)
-    scd.teacher = TrigFlowTeacher(build_mmdit(cfg.model, device=device), scd.empty_context.to(device),
-                                  scd.empty_pooled.to(device), cfg.distill.sigma_d)
-    split = SplitTimer(device)
-    scd.teacher_velocity = split.wrap("teacher", scd.teacher_velocity)
-    trigflow.rearranged_jvp = split.wrap("jvp", trigflow.rearranged_jvp)  # the recipe calls it via the module
+    teacher_net = build_mmdit(cfg.model, device=device)
+    runs = {"pretrain": (rf, rf_model, build_optimizer(rf_model, cfg.optim))}
+    splits = {}
+    for jvp_pass in args.passes:
+        run_cfg = load_config(None, overrides + [f"distill.jvp_pass={jvp_pass}"])
+        scd = SCDRecipe(run_cfg, empty)
+        student = scd.build_model().to_empty(device=device)
+        student.init_weights(0)
+        scd.teacher = TrigFlowTeacher(teacher_net, scd.empty_context.to(device), scd.empty_pooled.to(device),
+                                      cfg.distill.sigma_d)
+        splits[jvp_pass] = SplitTimer(device)
+        scd.teacher_velocity = splits[jvp_pass].wrap("teacher", scd.teacher_velocity)
+        scd.student_passes = splits[jvp_pass].wrap("student", scd.student_passes)
+        runs[jvp_pass] = (scd, student, build_optimizer(student, cfg.optim))
 
     gen = torch.Generator().manual_seed(0)
     B = args.batch
@@ -110,7 +125,8 @@ def main() -> None:
              "text_pooled": torch.randn(B, args.pooled_dim, generator=gen).to(device)}
     streams = RankStreams(0, 0, device)
 
-    def iteration(recipe, model, optimizer) -> float:
+    def iteration(name: str) -> float:
+        recipe, model, optimizer = runs[name]
         sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -121,32 +137,37 @@ def main() -> None:
         sync(device)
         return time.perf_counter() - t0
 
-    opt_rf, opt_scd = build_optimizer(rf_model, cfg.optim), build_optimizer(student, cfg.optim)
-    times = {"pretrain": [], "scd": []}
-    splits = []
+    times = {name: [] for name in runs}
+    parts = {name: [] for name in splits}
     for i in range(args.warmup + args.iters):
-        t_rf = iteration(rf, rf_model, opt_rf)
-        split.seconds.clear()
-        t_scd = iteration(scd, student, opt_scd)
-        if i >= args.warmup:
-            times["pretrain"].append(t_rf)
-            times["scd"].append(t_scd)
-            splits.append({**split.seconds, "with_grad": t_scd - sum(split.seconds.values())})
+        for name in runs:
+            if name in splits:
+                splits[name].seconds.clear()
+            elapsed = iteration(name)
+            if i >= args.warmup:
+                times[name].append(elapsed)
+                if name in splits:
+                    seconds = splits[name].seconds
+                    parts[name].append({**seconds, "backward": elapsed - sum(seconds.values())})
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    pairs = statistics.median(s / p for s, p in zip(times["scd"], times["pretrain"]))
     n_params = sum(p.numel() for p in rf_model.parameters())
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"device {name}, torch {torch.__version__}, {'bf16 autocast' if bf16 else 'fp32'}; depth {args.depth}, "
           f"head_dim {args.head_dim}, {n_params / 1e6:.1f}M params, batch {B}, latent {latent}x{latent}, "
-          f"{args.text_tokens} text tokens, teacher CFG w={args.cfg_scale}")
-    print(f"pretraining iteration  {med['pretrain'] * 1e3:9.1f} ms (median of {args.iters})")
-    print(f"sCD iteration          {med['scd'] * 1e3:9.1f} ms")
-    print(f"ratio sCD / pretrain   {med['scd'] / med['pretrain']:9.2f}x (medians), {pairs:.2f}x (median of pairs)")
-    for part in ("teacher", "jvp", "with_grad"):
-        value = statistics.median(s[part] for s in splits)
-        print(f"  {part:<10} {value * 1e3:9.1f} ms  {value / med['scd']:6.1%} of sCD, "
-              f"{value / med['pretrain']:5.2f}x pretrain")
+          f"{args.text_tokens} text tokens, teacher CFG w={args.cfg_scale}, {args.iters} timed iterations each")
+    print(f"pretraining iteration {med['pretrain'] * 1e3:9.1f} ms (median)")
+    print()
+    print("| jvp_pass | sCD iteration | / pretraining (medians) | median of pairs | teacher | student passes "
+          "| backward + AdamW |")
+    print("|---|---|---|---|---|---|---|")
+    for jvp_pass in splits:
+        pairs = statistics.median(s / p for s, p in zip(times[jvp_pass], times["pretrain"]))
+        split = [statistics.median(p[part] for p in parts[jvp_pass]) / med["pretrain"]
+                 for part in ("teacher", "student", "backward")]
+        print(f"| {jvp_pass} | {med[jvp_pass] * 1e3:.1f} ms | **{med[jvp_pass] / med['pretrain']:.2f}x** | "
+              f"{pairs:.2f}x | {split[0]:.2f}x | {split[1]:.2f}x | {split[2]:.2f}x |")
+    print("\n(the split columns are each part's median time over the pretraining iteration's)")
 
 
 if __name__ == "__main__":

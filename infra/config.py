@@ -239,6 +239,14 @@ class DistillConfig(Section):
     weighting: Literal["adaptive", "fixed"] = Field(
         "adaptive", description="adaptive = lambda(tau) e^-u mse + u with a learned log-variance u; fixed = plain mse"
     )
+    jvp_pass: Literal["auto", "fused", "separate", "forward_ad"] = Field(
+        "auto",
+        description=(
+            "fused = one with-grad pass carries the tangent too (F^- = stop-grad F; cheapest); separate = a no-grad "
+            "tangent pass in fp32, then the with-grad pass; forward_ad = torch.func.jvp (the reference, slowest); "
+            "auto = fused, or separate when training under bf16 autocast (keeps the JVP in fp32)"
+        ),
+    )
     t_max: float | None = Field(
         None, gt=0, le=math.pi / 2, description="largest tau (training clamp, 1-step start); None = arctan(80/sigma_d)"
     )

@@ -11,7 +11,8 @@ Per query row, with running max m and un-normalised weights p = exp(S_j - m) for
 
 all rescaled by exp(m_old - m_new) when m grows. Epilogue: O = O~ / l, dO = AB~ / l - (mu~ / l) O,
 LSE = m + log l. The spec's separate A~ and B~ are summed into one accumulator AB~ because only their sum
-reaches dO; that also lets one matmul, [p | p*dS_j] @ [dV_j ; V_j], produce both terms.
+reaches dO. Per block, one matmul p @ [V_j | dV_j] gives O~'s and A~'s terms, and every pass over the
+(Sq x block) matrices is in place: on CPU these elementwise passes, not the matmuls, dominate.
 """
 
 import math
@@ -38,7 +39,7 @@ def streaming_attention_jvp(
     acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = 1.0 / math.sqrt(q.shape[-1])
     # [dq | q] @ [k | dk]^T = dq k^T + q dk^T: the tangent scores in one matmul of twice the inner size.
-    q_dq = torch.cat([dq, q], dim=-1).to(acc_dtype)
+    q_dq = torch.cat([dq, q], dim=-1).to(acc_dtype).mul_(scale)
     q_scaled = q.to(acc_dtype) * scale
 
     batch_heads, seq_q, head_dim = q.shape[:-2], q.shape[-2], q.shape[-1]
@@ -55,19 +56,20 @@ def streaming_attention_jvp(
         dv_j = dv[..., start:start + block_k, :].to(acc_dtype)
 
         scores = q_scaled @ k_j.transpose(-1, -2)
-        tangent_scores = (q_dq @ torch.cat([k_j, dk_j], dim=-1).transpose(-1, -2)).mul_(scale)
+        tangent_scores = q_dq @ torch.cat([k_j, dk_j], dim=-1).transpose(-1, -2)
 
         m_new = torch.maximum(m, scores.amax(dim=-1, keepdim=True))
         # A row whose scores are all -inf keeps m = -inf; subtracting 0 instead avoids inf - inf = NaN.
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         rescale = torch.exp(m - m_safe)
-        p = torch.exp(scores.sub_(m_safe))
+        p = scores.sub_(m_safe).exp_()
         p_ds = tangent_scores.mul_(p)
 
         l.mul_(rescale).add_(p.sum(dim=-1, keepdim=True))
         mu.mul_(rescale).add_(p_ds.sum(dim=-1, keepdim=True))
-        out_acc.mul_(rescale).add_(p @ v_j)
-        tangent_acc.mul_(rescale).add_(torch.cat([p, p_ds], dim=-1) @ torch.cat([dv_j, v_j], dim=-2))
+        pv, p_dv = (p @ torch.cat([v_j, dv_j], dim=-1)).split(head_dim, dim=-1)
+        out_acc.mul_(rescale).add_(pv)
+        tangent_acc.mul_(rescale).add_(p_dv).add_(p_ds @ v_j)
         m = m_new
 
     # l == 0 only when no key contributed (empty key set, or every score -inf): return zeros there, not 0/0

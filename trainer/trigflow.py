@@ -54,6 +54,27 @@ def trigflow_from_rf(v: torch.Tensor, x_in: torch.Tensor, tau: torch.Tensor) -> 
     return ((c - s) * x_in + v.to(x_in.dtype)) / (c + s)
 
 
+def rf_inputs_tangent(x_in: torch.Tensor, tau: torch.Tensor, dx_in: torch.Tensor,
+                      dtau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tangents of ``rf_inputs`` along (dx_in, dtau): dx_rf = (dx_in - x_rf (c - s) dtau) / (s + c) and
+    dt_rf = dtau / (s + c)^2."""
+    c, s = torch.cos(tau), torch.sin(tau)
+    with torch.no_grad():
+        d = expand_like(s + c, dx_in)
+        dx_rf = (dx_in - x_in / d * expand_like((c - s) * dtau, dx_in)) / d
+        return dx_rf, dtau / (s + c) ** 2
+
+
+def trigflow_from_rf_tangent(F: torch.Tensor, dv: torch.Tensor, x_in: torch.Tensor, tau: torch.Tensor,
+                             dx_in: torch.Tensor, dtau: torch.Tensor) -> torch.Tensor:
+    """Tangent of ``trigflow_from_rf`` (whose value is F) along (dv, dx_in, dtau):
+    dF = ((c - s)(dx_in - F dtau) + dv) / (c + s) - x_in dtau."""
+    with torch.no_grad():
+        dtype = torch.promote_types(dx_in.dtype, x_in.dtype)
+        c, s, dt = (expand_like(v, dx_in) for v in (torch.cos(tau), torch.sin(tau), dtau))
+        return ((c - s) * (dx_in - F.to(dtype) * dt) + dv.to(dtype)) / (c + s) - x_in.to(dtype) * dt
+
+
 def trigflow_velocity(net: nn.Module, x_in: torch.Tensor, tau: torch.Tensor, context: torch.Tensor,
                       pooled: torch.Tensor, **kwargs) -> torch.Tensor:
     """F(x_in, tau) of a rectified-flow network ``net(x_rf, t_rf, context, pooled, **kwargs) -> v``."""
@@ -157,6 +178,20 @@ def sct_velocity(x0: torch.Tensor, z: torch.Tensor, tau: torch.Tensor) -> torch.
     return expand_like(torch.cos(tau), z) * z - expand_like(torch.sin(tau), x0) * x0
 
 
+def rearranged_tangents(tau: torch.Tensor, dxdt: torch.Tensor, sigma_d: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos sin dxdt / sigma_d, cos sin): the tangents of the JVP pass along the teacher ODE, scaled by
+    cos(tau) sin(tau) <= 1/2 so tangent activations stay bounded as tau -> pi/2 (section 3)."""
+    cs = torch.cos(tau) * torch.sin(tau)
+    return expand_like(cs, dxdt) * dxdt / sigma_d, cs
+
+
+def check_tangent(F: torch.Tensor, J: torch.Tensor | None) -> torch.Tensor:
+    """J itself, after checking that the JVP pass returned a tangent shaped like F."""
+    if J is None or J.shape != F.shape:  # torch.compile has dropped forward-AD tangents (pytorch#187284)
+        raise RuntimeError(f"the JVP pass returned no tangent of shape {tuple(F.shape)}; run it eagerly")
+    return J
+
+
 def rearranged_jvp(F_fn: TrigFlowVelocity, x_in: torch.Tensor, tau: torch.Tensor, dxdt: torch.Tensor,
                    sigma_d: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(F, J) with J = cos(tau) sin(tau) dF/dtau along dx/dtau, as one forward-mode pass (section 3.5).
@@ -165,12 +200,9 @@ def rearranged_jvp(F_fn: TrigFlowVelocity, x_in: torch.Tensor, tau: torch.Tensor
     cos sin <= 1/2 before the pass, which keeps tangent activations bounded as tau -> pi/2. Runs under
     no_grad: J is stop-gradient, and FSDP2's backward hooks must stay out of the transform (pytorch#182641).
     """
-    cs = torch.cos(tau) * torch.sin(tau)
     with torch.no_grad():
-        F, J = torch.func.jvp(F_fn, (x_in, tau), (expand_like(cs, dxdt) * dxdt / sigma_d, cs))
-    if J is None or J.shape != F.shape:  # torch.compile has dropped forward-AD tangents (pytorch#187284)
-        raise RuntimeError(f"the JVP pass returned no tangent of shape {tuple(F.shape)}; run it eagerly")
-    return F, J
+        F, J = torch.func.jvp(F_fn, (x_in, tau), rearranged_tangents(tau, dxdt, sigma_d))
+    return F, check_tangent(F, J)
 
 
 def scd_tangent(F_minus: torch.Tensor, J: torch.Tensor, dxdt: torch.Tensor, x_tau: torch.Tensor, tau: torch.Tensor,

@@ -105,3 +105,39 @@ def test_shape_mismatch_names_the_shapes():
     q, k, v = random_attention_inputs(1, 2, 4, 6, 16)[:3]
     with pytest.raises(ValueError, match=r"q \(1, 2, 4, 16\), k \(1, 2, 6, 16\), v \(1, 2, 6, 8\)"):
         kernels.attention(q, k, v[..., :8])
+
+
+# --------------------------------------------------------------------------------------------------
+# attention_with_tangent: a model carrying its own tangents (sCD's fused pass)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False], ids=["grad", "no_grad"])
+def test_attention_with_tangent_gives_the_exact_jvp_and_sdpa_gradients(seed, grad_enabled):
+    q, k, v, dq, dk, dv = random_attention_inputs(2, 3, 11, 7, 16, dtype=torch.float64)
+    q, k, v = (t.requires_grad_(grad_enabled) for t in (q, k, v))
+    with torch.set_grad_enabled(grad_enabled):
+        out, dout = kernels.attention_with_tangent(q, k, v, dq, dk, dv)
+    assert_matches_exact_jvp(out.detach(), dout, [t.detach() for t in (q, k, v)] + [dq, dk, dv], seed)
+    assert not dout.requires_grad
+    if not grad_enabled:
+        return
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    expected = torch.autograd.grad(F.scaled_dot_product_attention(*inputs), inputs, grad_out)
+    for name, got, want in zip("qkv", grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"d{name} (seed {seed}): {m}")
+
+
+def test_attention_with_tangent_keeps_a_low_precision_primal_and_a_float32_tangent(seed):
+    """fp32 tangents of a bf16 primal (the fused pass under bf16 autocast): the primal is SDPA in bf16, the
+    tangent is computed from float32 copies and stays float32."""
+    q, k, v, dq, dk, dv = random_attention_inputs(2, 3, 11, 7, 16)
+    low = [t.to(torch.bfloat16).requires_grad_() for t in (q, k, v)]
+    out, dout = kernels.attention_with_tangent(*low, dq, dk, dv)
+    assert out.dtype == torch.bfloat16 and out.requires_grad and dout.dtype == torch.float32
+    assert torch.equal(out, F.scaled_dot_product_attention(*low)), f"seed {seed}"
+    widened = [t.detach().float() for t in low]
+    expected = kernels.attention_jvp(*widened, dq, dk, dv)[1]
+    assert torch.equal(dout, expected), f"seed {seed}"

@@ -10,6 +10,7 @@ import zlib
 import pytest
 import torch
 
+import kernels
 from infra.config import dump_config, load_config
 from tests.trainer.conftest import fresh_seed
 from trainer import checkpoint, trigflow
@@ -123,8 +124,11 @@ def _inputs(gen: torch.Generator, tau: torch.Tensor):
     return x0, z, tau, b["text_tokens"], b["text_pooled"], torch.full((n,), 2.0)
 
 
-def test_loss_jvp_and_gradients_are_finite_in_bf16_near_tau_zero_and_pi_over_two(teacher, seed, gen):
-    recipe, student = _recipe_and_student(teacher, "distill.tangent_warmup=none")
+@pytest.mark.parametrize("jvp_pass", ["auto", "fused", "forward_ad"])
+def test_loss_jvp_and_gradients_are_finite_in_bf16_near_tau_zero_and_pi_over_two(teacher, seed, gen, jvp_pass):
+    """auto resolves to the separate fp32 JVP pass under bf16 autocast; fused keeps the primal in bf16 and the
+    tangent in fp32."""
+    recipe, student = _recipe_and_student(teacher, "distill.tangent_warmup=none", f"distill.jvp_pass={jvp_pass}")
     _perturb(student, seed % 2**31)
     tau = torch.tensor([1e-5, 1e-3, 0.05, 1.52, trigflow.max_time(0.5), math.pi / 2 - 1e-5])
     x0, z, tau, ctx, pooled, w = _inputs(gen, tau)
@@ -134,12 +138,38 @@ def test_loss_jvp_and_gradients_are_finite_in_bf16_near_tau_zero_and_pi_over_two
         # The raw JVP pass in bf16 (the recipe runs it in fp32): the rearrangement keeps it finite.
         F_minus, J = trigflow.rearranged_jvp(lambda x, t: student(x, t, ctx, pooled)[0], x_tau / 0.5, tau, dxdt, 0.5)
         loss, metrics = recipe.objective(student, x0, z, tau, ctx, pooled, w)
+        if jvp_pass == "auto":
+            assert recipe.jvp_pass("cpu") == "separate"
     loss.backward()
     for name, value in {"dxdt": dxdt, "F": F_minus, "J": J, "loss": loss}.items():
         assert torch.isfinite(value).all(), f"{name} at tau {tau.tolist()} (seed {seed})"
     assert float(metrics["nonfinite_samples"]) == 0, f"seed {seed}"
     for name, p in student.named_parameters():
         assert torch.isfinite(p.grad).all(), f"grad of {name} (seed {seed})"
+
+
+def test_fused_separate_and_forward_ad_passes_give_one_loss_and_one_gradient(teacher, seed, gen):
+    """distill.jvp_pass changes how the student's F^- and J are computed, not what: in float64 the three give
+    the same loss, metrics and gradients."""
+    x0, z, tau, ctx, pooled, w = (t.double() for t in _inputs(gen, 0.02 + 1.5 * torch.rand(4, generator=gen)))
+    results = {}
+    for jvp_pass in ("forward_ad", "separate", "fused"):
+        recipe, student = _recipe_and_student(teacher, f"distill.jvp_pass={jvp_pass}", "distill.tangent_warmup_steps=8")
+        _perturb(student, seed % 2**31)
+        student.double(), recipe.teacher.net.double()
+        recipe.at_step(3)  # r = 3/8: both tangent terms matter
+        loss, metrics = recipe.objective(student, x0, z, tau, ctx, pooled, w)
+        loss.backward()
+        results[jvp_pass] = loss.detach(), metrics, {n: p.grad for n, p in student.named_parameters()}
+    loss_ref, metrics_ref, grads_ref = results["forward_ad"]
+    assert float(metrics_ref["tangent_norm"]) > 0, f"seed {seed}"
+    for jvp_pass in ("separate", "fused"):
+        loss, metrics, grads = results[jvp_pass]
+        torch.testing.assert_close(loss, loss_ref, rtol=1e-10, atol=1e-12, msg=lambda m: f"{jvp_pass} (seed {seed}): {m}")
+        torch.testing.assert_close(metrics["tangent_norm"], metrics_ref["tangent_norm"], rtol=1e-10, atol=1e-12)
+        for name, grad in grads_ref.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-8, atol=1e-12,
+                                       msg=lambda m: f"{jvp_pass}: grad of {name} (seed {seed}): {m}")
 
 
 def test_a_non_finite_sample_is_zeroed_and_counted(teacher, seed, gen, monkeypatch):
@@ -165,17 +195,24 @@ def test_a_non_finite_sample_is_zeroed_and_counted(teacher, seed, gen, monkeypat
     torch.testing.assert_close(loss * 4 / 3, alone.detach(), msg=lambda m: f"seed {seed}: {m}")
 
 
-def test_activation_checkpointing_leaves_the_jvp_and_gradients_unchanged(teacher, seed, gen):
-    """Forward AD ignores checkpointing (pytorch#129293); the JVP pass runs under no_grad, where the
-    checkpointed blocks simply run forward, so the recipe allows the combination."""
+@pytest.mark.parametrize("jvp_pass", ["fused", "separate", "forward_ad"])
+def test_activation_checkpointing_leaves_the_jvp_and_gradients_unchanged(teacher, seed, gen, jvp_pass, monkeypatch):
+    """Forward AD ignores checkpointing (pytorch#129293); the separate passes run the JVP under no_grad, where
+    checkpointed blocks simply run forward. The fused pass carries the tangent through checkpointed blocks,
+    and their recompute in backward skips it (no attention tangent runs during backward)."""
     results = []
     x0, z, tau, ctx, pooled, w = _inputs(gen, 0.05 + 1.5 * torch.rand(4, generator=gen))
     for ac in (False, True):
-        recipe, student = _recipe_and_student(teacher, activation_checkpointing=ac)
+        recipe, student = _recipe_and_student(teacher, f"distill.jvp_pass={jvp_pass}", activation_checkpointing=ac)
         _perturb(student, seed % 2**31)
         recipe.at_step(10**6)
         loss, _ = recipe.objective(student, x0, z, tau, ctx, pooled, w)
+        calls = []
+        real = kernels.attention_with_tangent
+        monkeypatch.setattr(kernels, "attention_with_tangent", lambda *a, **k: calls.append(1) or real(*a, **k))
         loss.backward()
+        monkeypatch.setattr(kernels, "attention_with_tangent", real)
+        assert not calls, f"{len(calls)} attention JVPs ran during backward (checkpointing {ac})"
         grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad for n, p in student.named_parameters()}
         results.append((loss.detach(), grads))
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6, msg=lambda m: f"seed {seed}: {m}")
@@ -192,13 +229,13 @@ def test_sct_needs_no_teacher_and_its_tangent_is_the_pair_velocity(seed, gen, mo
     assert recipe.teacher is None
     x0, z, tau, ctx, pooled, w = _inputs(gen, 0.05 + 1.5 * torch.rand(4, generator=gen))
     seen = {}
-    real_jvp = trigflow.rearranged_jvp
+    real_tangents = trigflow.rearranged_tangents
 
-    def spy(F_fn, x_in, tau_, dxdt, sigma_d):
+    def spy(tau_, dxdt, sigma_d):
         seen["dxdt"] = dxdt
-        return real_jvp(F_fn, x_in, tau_, dxdt, sigma_d)
+        return real_tangents(tau_, dxdt, sigma_d)
 
-    monkeypatch.setattr(trigflow, "rearranged_jvp", spy)
+    monkeypatch.setattr(trigflow, "rearranged_tangents", spy)
     loss, _ = recipe.objective(student, x0, z, tau, ctx, pooled, w)
     expected = trigflow.expand_like(torch.cos(tau), z) * z - trigflow.expand_like(torch.sin(tau), x0) * x0
     torch.testing.assert_close(seen["dxdt"], expected, msg=lambda m: f"seed {seed}: {m}")

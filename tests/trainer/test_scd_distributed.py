@@ -1,6 +1,7 @@
 """sCD under FSDP2 over gloo in real processes (SCD.md section 7): the teacher sharded and loaded with a
-distributed DCP load, the student's forward-mode JVP through FSDP2-sharded blocks under no_grad, and the
-loss gradients, all equal to a 1-process run on the same inputs."""
+distributed DCP load, the student's JVP through FSDP2-sharded blocks (forward-mode AD under no_grad, and the
+written-out tangent), and the gradients of the loss whose with-grad pass carries the tangent (the fused
+pass), all equal to a 1-process run on the same inputs."""
 
 from __future__ import annotations
 
@@ -82,10 +83,13 @@ def _run(teacher: str, seed: int, part: slice):
     x_tau = trigflow.expand_like(torch.cos(tau), x0) * x0 + trigflow.expand_like(torch.sin(tau), z) * z
     dxdt = recipe.teacher_velocity(x_tau, tau, ctx, pooled, w)
     F_minus, J = trigflow.rearranged_jvp(lambda x, t: student(x, t, ctx, pooled, w)[0], x_tau / 0.5, tau, dxdt, 0.5)
+    with torch.no_grad():  # the written-out tangent through the same sharded blocks
+        _, _, J_carried = student(x_tau / 0.5, tau, ctx, pooled, w, tangents=trigflow.rearranged_tangents(tau, dxdt, 0.5))
+    assert recipe.jvp_pass("cpu") == "fused"  # the objective's with-grad pass carries the tangent through FSDP2
     loss, _ = recipe.objective(student, x0, z, tau, ctx, pooled, w)
     loss.backward()
     grads = {n: (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad) for n, p in student.named_parameters()}
-    return {"dxdt": dxdt, "F_minus": F_minus, "J": J, "loss": loss.detach()}, grads
+    return {"dxdt": dxdt, "F_minus": F_minus, "J": J, "J_carried": J_carried, "loss": loss.detach()}, grads
 
 
 def _worker(rank: int, world: int, port: int, teacher: str, seed: int, out: str) -> None:
@@ -113,6 +117,8 @@ def test_two_rank_fsdp2_jvp_and_gradients_equal_one_process():
         out = os.path.join(tmp, "sharded.pt")
         mp.spawn(_worker, args=(2, _free_port(), teacher, seed, out), nprocs=2, join=True)
         sharded = torch.load(out, weights_only=True)
+    torch.testing.assert_close(values["J_carried"], values["J"], rtol=1e-4, atol=1e-5,
+                               msg=lambda m: f"written-out vs forward-AD tangent (seed {seed}): {m}")
     for key, value in values.items():
         assert value.abs().max() > 0 or key == "loss", f"{key} is all zero: the test would not see a difference"
         torch.testing.assert_close(sharded["values"][key], value, rtol=1e-4, atol=1e-5,

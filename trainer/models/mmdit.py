@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import kernels
 from infra.config import ModelConfig
+from trainer.models import tangent
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,16 +77,34 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+class PatchEmbed(nn.Conv2d):
+    """(B, C, H, W) -> (B, D, H/p, W/p): a p x p convolution with stride p; with ``dx``, also its tangent."""
+
+    def forward(self, x: torch.Tensor, dx: torch.Tensor | None = None):
+        y = super().forward(x)
+        if dx is None:
+            return y
+        with tangent.tangent_mode(x.device.type):
+            dy = F.conv2d(dx, self.weight.to(dx.dtype), None, self.stride)
+        return y, dy
+
+
 class MLPEmbedder(nn.Module):
-    """Linear -> SiLU -> Linear, the timestep and pooled-text embedders."""
+    """Linear -> SiLU -> Linear, the timestep and pooled-text embedders; with ``dx``, also the tangent."""
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(in_dim, hidden)
         self.fc2 = nn.Linear(hidden, hidden)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.silu(self.fc1(x)))
+    def forward(self, x: torch.Tensor, dx: torch.Tensor | None = None):
+        h = self.fc1(x)
+        y = self.fc2(F.silu(h))
+        if dx is None:
+            return y
+        with tangent.tangent_mode(x.device.type):
+            dy = tangent.linear(self.fc2.weight, tangent.silu(h, tangent.linear(self.fc1.weight, dx)))
+        return y, dy
 
 
 class RMSNorm(nn.Module):
@@ -121,6 +140,9 @@ class StreamBlock(nn.Module):
 
     ``pre_only`` (the text stream of the last block) keeps only the modulation of the attention input
     and the qkv projection: its k, v feed the image stream and its output is discarded.
+
+    Both halves optionally carry a tangent (``ds`` of the stream, ``dc`` of the conditioning vector) next to
+    the primal, for sCD's JVP pass (``trainer.models.tangent``).
     """
 
     def __init__(self, cfg: ModelConfig, pre_only: bool = False):
@@ -138,41 +160,98 @@ class StreamBlock(nn.Module):
             hidden = int(D * cfg.mlp_ratio)
             self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
 
-    def pre_attention(self, s: torch.Tensor, c: torch.Tensor):
-        """-> q, k, v as (B, heads, N, head_dim) and the modulations the post-attention half needs."""
-        mods = self.adaLN_modulation(F.silu(c)).chunk(2 if self.pre_only else 6, dim=-1)
-        h = modulate(self.norm1(s), mods[0], mods[1])
+    def pre_attention(self, s: torch.Tensor, c: torch.Tensor, ds: torch.Tensor | None = None,
+                      dc: torch.Tensor | None = None):
+        """-> q, k, v as (B, heads, N, head_dim) and the modulations the post-attention half needs; with
+        tangents, also (dq, dk, dv) and the modulations' tangents."""
+        n_mods = 2 if self.pre_only else 6
+        mods = self.adaLN_modulation(F.silu(c)).chunk(n_mods, dim=-1)
+        normed = self.norm1(s)
+        h = modulate(normed, mods[0], mods[1])
         B, N, _ = h.shape
         q, k, v = self.qkv(h).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, Dh) each
-        q, k = self.ln_q(q), self.ln_k(k)
-        return (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), mods[2:]
+        qkv = (self.ln_q(q).transpose(1, 2), self.ln_k(k).transpose(1, 2), v.transpose(1, 2))
+        if ds is None:
+            return qkv, mods[2:]
+        with tangent.tangent_mode(s.device.type):
+            dmods = tangent.linear(self.adaLN_modulation.weight, tangent.silu(c, dc)).chunk(n_mods, dim=-1)
+            dh = tangent.modulate(normed, tangent.layer_norm(s, ds, self.norm1.eps), mods[1], dmods[0], dmods[1])
+            dq, dk, dv = tangent.linear(self.qkv.weight, dh).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
+            dqkv = (self._qk_norm_tangent(self.ln_q, q, dq).transpose(1, 2),
+                    self._qk_norm_tangent(self.ln_k, k, dk).transpose(1, 2), dv.transpose(1, 2))
+        return qkv, mods[2:], dqkv, dmods[2:]
 
-    def post_attention(self, s: torch.Tensor, attn: torch.Tensor, mods) -> torch.Tensor:
+    @staticmethod
+    def _qk_norm_tangent(norm: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        return tangent.rms_norm(x, dx, norm.weight, norm.eps) if isinstance(norm, RMSNorm) else dx
+
+    def post_attention(self, s: torch.Tensor, attn: torch.Tensor, mods, ds: torch.Tensor | None = None,
+                       dattn: torch.Tensor | None = None, dmods=None):
+        """-> the stream after the gated attention and MLP branches; with tangents, (stream, its tangent)."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        s = s + gate_msa[:, None] * self.proj(attn)
-        return s + gate_mlp[:, None] * self.mlp(modulate(self.norm2(s), shift_mlp, scale_mlp))
+        projected = self.proj(attn)
+        s = s + gate_msa[:, None] * projected
+        normed = self.norm2(s)
+        fc1, act, fc2 = self.mlp
+        hidden = fc1(modulate(normed, shift_mlp, scale_mlp))
+        mlp_out = fc2(act(hidden))
+        out = s + gate_mlp[:, None] * mlp_out
+        if ds is None:
+            return out
+        dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp = dmods
+        with tangent.tangent_mode(s.device.type):
+            ds = tangent.gated_residual(ds, gate_msa, dgate_msa, projected, tangent.linear(self.proj.weight, dattn))
+            dh = tangent.modulate(normed, tangent.layer_norm(s, ds, self.norm2.eps), scale_mlp, dshift_mlp, dscale_mlp)
+            dmlp = tangent.linear(fc2.weight, tangent.gelu_tanh(hidden, tangent.linear(fc1.weight, dh)))
+            dout = tangent.gated_residual(ds, gate_mlp, dgate_mlp, mlp_out, dmlp)
+        return out, dout
 
 
 class JointBlock(nn.Module):
-    """Two streams, one attention over the concatenated [text, image] sequence (SD3 order)."""
+    """Two streams, one attention over the concatenated [text, image] sequence (SD3 order).
+
+    ``block(context, x, c) -> (context, x)``; with the tangents ``dcontext, dx, dc`` it returns
+    ``(context, x, dcontext, dx)``, the primal still recording its autograd graph when grad is enabled.
+    """
 
     def __init__(self, cfg: ModelConfig, context_pre_only: bool = False):
         super().__init__()
         self.context_block = StreamBlock(cfg, pre_only=context_pre_only)
         self.x_block = StreamBlock(cfg)
 
-    def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
-        (cq, ck, cv), c_mods = self.context_block.pre_attention(context, c)
-        (xq, xk, xv), x_mods = self.x_block.pre_attention(x, c)
+    def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor,
+                dcontext: torch.Tensor | None = None, dx: torch.Tensor | None = None, dc: torch.Tensor | None = None):
+        if dx is not None and tangent.in_backward():
+            # Activation checkpointing's recompute needs only the primal's saved tensors: skip the tangent.
+            return (*self.forward(context, x, c), None, None)
+        if dx is None:
+            (cq, ck, cv), c_mods = self.context_block.pre_attention(context, c)
+            (xq, xk, xv), x_mods = self.x_block.pre_attention(x, c)
+        else:
+            (cq, ck, cv), c_mods, (dcq, dck, dcv), dc_mods = self.context_block.pre_attention(context, c, dcontext, dc)
+            (xq, xk, xv), x_mods, (dxq, dxk, dxv), dx_mods = self.x_block.pre_attention(x, c, dx, dc)
         n_ctx = context.shape[1]
-        out = kernels.attention(torch.cat([cq, xq], 2), torch.cat([ck, xk], 2), torch.cat([cv, xv], 2))
+        q, k, v = torch.cat([cq, xq], 2), torch.cat([ck, xk], 2), torch.cat([cv, xv], 2)
+        if dx is None:
+            out = kernels.attention(q, k, v)
+        else:
+            with tangent.tangent_mode(x.device.type):
+                dq, dk, dv = torch.cat([dcq, dxq], 2), torch.cat([dck, dxk], 2), torch.cat([dcv, dxv], 2)
+            out, dout = kernels.attention_with_tangent(q, k, v, dq, dk, dv)
+            dout = dout.transpose(1, 2).flatten(2)
         out = out.transpose(1, 2).flatten(2)  # (B, H, S, Dh) -> (B, S, D)
         context_attn, x_attn = out[:, :n_ctx], out[:, n_ctx:]
-        x = self.x_block.post_attention(x, x_attn, x_mods)
+        if dx is None:
+            x = self.x_block.post_attention(x, x_attn, x_mods)
+            if self.context_block.pre_only:
+                return None, x
+            return self.context_block.post_attention(context, context_attn, c_mods), x
+        x, dx = self.x_block.post_attention(x, x_attn, x_mods, dx, dout[:, n_ctx:], dx_mods)
         if self.context_block.pre_only:
-            return None, x
-        return self.context_block.post_attention(context, context_attn, c_mods), x
-
+            return None, x, None, dx
+        context, dcontext = self.context_block.post_attention(context, context_attn, c_mods, dcontext,
+                                                              dout[:, :n_ctx], dc_mods)
+        return context, x, dcontext, dx
 
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) then a linear map to patch_size^2 * out_channels per token."""
@@ -184,9 +263,17 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Linear(D, 2 * D)
         self.linear = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, dx: torch.Tensor | None = None, dc: torch.Tensor | None = None):
         shift, scale = self.adaLN_modulation(F.silu(c)).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        normed = self.norm_final(x)
+        y = self.linear(modulate(normed, shift, scale))
+        if dx is None:
+            return y
+        with tangent.tangent_mode(x.device.type):
+            dshift, dscale = tangent.linear(self.adaLN_modulation.weight, tangent.silu(c, dc)).chunk(2, dim=-1)
+            dh = tangent.modulate(normed, tangent.layer_norm(x, dx, self.norm_final.eps), scale, dshift, dscale)
+            dy = tangent.linear(self.linear.weight, dh)
+        return y, dy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,7 +298,7 @@ class MMDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, p = cfg.hidden_size, cfg.patch_size
-        self.x_embedder = nn.Conv2d(cfg.in_channels, D, kernel_size=p, stride=p)
+        self.x_embedder = PatchEmbed(cfg.in_channels, D, kernel_size=p, stride=p)
         self.t_embedder = MLPEmbedder(cfg.time_freq_dim, D)
         self.y_embedder = MLPEmbedder(cfg.pooled_dim, D)
         self.context_embedder = nn.Linear(cfg.context_dim, D)
@@ -257,42 +344,71 @@ class MMDiT(nn.Module):
             self._pos_cache[key] = table
         return self._pos_cache[key]
 
-    def conditioning(self, t: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """c = TimestepMLP(sinusoidal(time_scale * t)) + PooledMLP(pooled) [+ GuidanceMLP(sinusoidal(w))], (B, D)."""
-        t_freq = timestep_embedding(self.cfg.time_scale * t, self.cfg.time_freq_dim)
-        c = self.t_embedder(t_freq.to(pooled.dtype)) + self.y_embedder(pooled)
-        if not self.cfg.guidance_embed:
-            if guidance is not None:
-                raise ValueError("guidance was given to a model without a guidance embedding (model.guidance_embed)")
-            return c
-        if guidance is None or guidance.shape != t.shape:
-            raise ValueError(
-                f"this model has a guidance embedding (model.guidance_embed): pass guidance, one CFG scale per "
-                f"sample of shape {tuple(t.shape)}, got {None if guidance is None else tuple(guidance.shape)}"
-            )
-        g_freq = timestep_embedding(GUIDANCE_FEATURE_SCALE * guidance, self.cfg.time_freq_dim)
-        return c + self.g_embedder(g_freq.to(pooled.dtype))
+    def conditioning(self, t: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None,
+                     dt: torch.Tensor | None = None):
+        """c = TimestepMLP(sinusoidal(time_scale * t)) + PooledMLP(pooled) [+ GuidanceMLP(sinusoidal(w))], (B, D);
+        with the time tangent ``dt``, (c, dc) (only the time carries a tangent)."""
+        scale = self.cfg.time_scale
+        t_freq = timestep_embedding(scale * t, self.cfg.time_freq_dim).to(pooled.dtype)
+        if dt is None:
+            c = self.t_embedder(t_freq)
+        else:
+            with tangent.tangent_mode(t.device.type):
+                dt_freq = tangent.timestep_embedding(scale * t, scale * dt, self.cfg.time_freq_dim)
+            c, dc = self.t_embedder(t_freq, dt_freq)
+        c = c + self.y_embedder(pooled)
+        if self.cfg.guidance_embed:
+            if guidance is None or guidance.shape != t.shape:
+                raise ValueError(
+                    f"this model has a guidance embedding (model.guidance_embed): pass guidance, one CFG scale per "
+                    f"sample of shape {tuple(t.shape)}, got {None if guidance is None else tuple(guidance.shape)}"
+                )
+            g_freq = timestep_embedding(GUIDANCE_FEATURE_SCALE * guidance, self.cfg.time_freq_dim)
+            c = c + self.g_embedder(g_freq.to(pooled.dtype))
+        elif guidance is not None:
+            raise ValueError("guidance was given to a model without a guidance embedding (model.guidance_embed)")
+        return c if dt is None else (c, dc)
 
     # ---- forward -----------------------------------------------------------------------------------
 
     def forward(
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
         guidance: torch.Tensor | None = None, return_conditioning: bool = False,
+        tangents: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         """-> velocity (B, C_out, H, W), or (velocity, c) with ``return_conditioning`` for heads that read the
-        conditioning vector c (B, D) (sCD's log-variance head)."""
+        conditioning vector c (B, D) (sCD's log-variance head).
+
+        ``tangents=(dx, dt)`` also returns the velocity's directional derivative along them at frozen weights,
+        last in the tuple: ``(velocity, [c,] dvelocity)``. The primal is computed exactly as without tangents
+        (with its autograd graph when grad is enabled); the tangent is stop-gradient and in dx's dtype.
+        """
         self.check_inputs(x, t, context, pooled)
         B, _, H, W = x.shape
         p = self.cfg.patch_size
         h, w = H // p, W // p
-        tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
-        tokens = tokens + self.pos_embed(h, w, tokens.device, tokens.dtype)
-        c = self.conditioning(t, pooled, guidance)
+        if tangents is None:
+            tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
+            tokens = tokens + self.pos_embed(h, w, tokens.device, tokens.dtype)
+            c = self.conditioning(t, pooled, guidance)
+            ctx = self.context_embedder(context)
+            for block in self.joint_blocks:
+                ctx, tokens = block(ctx, tokens, c)
+            out = self.unpatchify(self.final_layer(tokens, c), h, w)  # (B, h*w, p*p*C_out) -> (B, C_out, H, W)
+            return (out, c) if return_conditioning else out
+
+        dx, dt = tangents
+        tokens, dtokens = self.x_embedder(x, dx)
+        tokens = tokens.flatten(2).transpose(1, 2) + self.pos_embed(h, w, tokens.device, tokens.dtype)
+        dtokens = dtokens.flatten(2).transpose(1, 2)  # the positional table is constant
+        c, dc = self.conditioning(t, pooled, guidance, dt)
         ctx = self.context_embedder(context)
+        dctx = torch.zeros(ctx.shape, dtype=dx.dtype, device=ctx.device)  # text tokens carry no input tangent
         for block in self.joint_blocks:
-            ctx, tokens = block(ctx, tokens, c)
-        out = self.unpatchify(self.final_layer(tokens, c), h, w)  # (B, h*w, p*p*C_out) -> (B, C_out, H, W)
-        return (out, c) if return_conditioning else out
+            ctx, tokens, dctx, dtokens = block(ctx, tokens, c, dctx, dtokens, dc)
+        out, dout = self.final_layer(tokens, c, dtokens, dc)
+        out, dout = self.unpatchify(out, h, w), self.unpatchify(dout, h, w)
+        return (out, c, dout) if return_conditioning else (out, dout)
 
     def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         B, p, C = tokens.shape[0], self.cfg.patch_size, self.cfg.out_channels

@@ -3,8 +3,9 @@
 The student is the pretrained MM-DiT in the TrigFlow wrapper plus a log-variance head; it starts from the
 teacher's EMA weights. The frozen teacher is built, sharded and loaded the same way as the student. One
 step: the teacher's guided velocity dx/dtau (or, for sCT, the noise-data pair's own), then the student's
-F^- and its rearranged JVP J in one no-grad forward-mode pass, the tangent g, and the with-grad pass
-whose loss pulls F towards F^- + g.
+F^- and its rearranged JVP J, the tangent g, and the with-grad F whose loss pulls F towards F^- + g. By
+default (``distill.jvp_pass``) F^-, J and F come from one pass: the network carries the tangent next to
+its primal (``trainer.models.tangent``), and F^- is F with its gradient stopped.
 """
 
 from __future__ import annotations
@@ -47,11 +48,22 @@ class TrigFlowStudent(nn.Module):
         self.logvar = nn.Linear(cfg.hidden_size, 1) if logvar_head else None
 
     def forward(self, x_in: torch.Tensor, tau: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                guidance: torch.Tensor | None = None, tangents: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """-> (F, u); with ``tangents=(dx_in, dtau)``, (F, u, dF): F's directional derivative at frozen
+        weights, computed next to the primal in the same pass (``trainer.models.tangent``)."""
         x_rf, t_rf = trigflow.rf_inputs(x_in, tau)
-        v, c = self.net(x_rf, t_rf, context, pooled, guidance, return_conditioning=True)
+        if tangents is None:
+            v, c = self.net(x_rf, t_rf, context, pooled, guidance, return_conditioning=True)
+        else:
+            dx_in, dtau = tangents
+            dx_in = dx_in.to(torch.promote_types(dx_in.dtype, x_in.dtype))  # as forward-mode AD would
+            v, c, dv = self.net(x_rf, t_rf, context, pooled, guidance, return_conditioning=True,
+                                tangents=trigflow.rf_inputs_tangent(x_in, tau, dx_in, dtau))
         u = self.logvar(c).squeeze(-1).float() if self.logvar is not None else None
-        return trigflow.trigflow_from_rf(v, x_in, tau), u
+        F = trigflow.trigflow_from_rf(v, x_in, tau)
+        if tangents is None:
+            return F, u
+        return F, u, trigflow.trigflow_from_rf_tangent(F, dv, x_in, tau, dx_in, dtau)
 
     def init_weights(self, seed: int = 0, assign=None) -> None:
         """The network's own scheme (same names, hence the same values as an unwrapped MMDiT), then a
@@ -214,19 +226,14 @@ class SCDRecipe:
         else:
             dxdt = trigflow.sct_velocity(x0, z, tau)
 
-        # JVP pass with theta^- = the current student (no EMA target), in fp32 even when training in bf16.
-        with torch.autocast(x_in.device.type, enabled=False):
-            F_minus, J = trigflow.rearranged_jvp(
-                lambda x, t: model(x, t, context, pooled, guidance)[0], x_in, tau, dxdt, sd
-            )
+        F, u, F_minus, J = self.student_passes(model, x_in, tau, dxdt, context, pooled, guidance)
         r = trigflow.tangent_warmup(self.step, d.tangent_warmup_steps, d.tangent_warmup)
         g = trigflow.scd_tangent(F_minus, J, dxdt, x_tau, tau, sd, r)  # (B, C, H, W), float64
         finite = torch.isfinite(g).flatten(1).all(1)
         g = torch.where(finite[:, None, None, None], g, 0.0)
         g, g_norm = trigflow.normalize_tangent(g, d.tangent_norm_eps)
 
-        # With-grad pass (under the loop's autocast); the loss in at least fp32.
-        F, u = model(x_in, tau, context, pooled, guidance)
+        # The loss in at least fp32.
         dtype = torch.promote_types(F_minus.dtype, torch.float32)
         finite = finite & torch.isfinite(F.detach()).flatten(1).all(1)
         mse = (F.to(dtype) - F_minus.to(dtype) - g.to(dtype)).pow(2).flatten(1).mean(1)
@@ -237,6 +244,40 @@ class SCDRecipe:
         # Non-finite guard: such a sample contributes zero (the loop skips a step whose gradient is non-finite).
         per_sample = torch.where(finite, per_sample, torch.zeros_like(per_sample))
         return per_sample.mean(), self.metrics(per_sample.detach(), tau, r, g_norm, u, finite)
+
+    def jvp_pass(self, device_type: str) -> str:
+        """distill.jvp_pass with ``auto`` resolved: fused, or separate under bf16 autocast (fp32 JVP pass)."""
+        chosen = self.cfg.distill.jvp_pass
+        if chosen == "auto":
+            return "separate" if torch.is_autocast_enabled(device_type) else "fused"
+        return chosen
+
+    def student_passes(self, model: nn.Module, x_in, tau, dxdt, context, pooled, guidance):
+        """(F, u) with grad and (F^-, J) without: the student's value at theta^- = stop-grad theta (no EMA
+        target) and its rearranged JVP along the teacher's dx/dtau.
+
+        fused: one pass; the primal records its graph and is also F^- (same weights, same input), the tangent
+        is computed next to it without grad (rCM's fused step; saves a forward). separate: the tangent pass
+        without grad in fp32 even under bf16 autocast, then the with-grad pass. forward_ad: the tangent pass
+        through ``torch.func.jvp``, then the with-grad pass.
+        """
+        sd = self.cfg.distill.sigma_d
+        how = self.jvp_pass(x_in.device.type)
+        if how == "fused":
+            F, u, J = model(x_in, tau, context, pooled, guidance, tangents=trigflow.rearranged_tangents(tau, dxdt, sd))
+            return F, u, F.detach(), trigflow.check_tangent(F, J)
+        with torch.autocast(x_in.device.type, enabled=False):
+            if how == "separate":
+                with torch.no_grad():
+                    F_minus, _, J = model(x_in, tau, context, pooled, guidance,
+                                          tangents=trigflow.rearranged_tangents(tau, dxdt, sd))
+                J = trigflow.check_tangent(F_minus, J)
+            else:
+                F_minus, J = trigflow.rearranged_jvp(
+                    lambda x, t: model(x, t, context, pooled, guidance)[0], x_in, tau, dxdt, sd
+                )
+        F, u = model(x_in, tau, context, pooled, guidance)  # under the loop's autocast
+        return F, u, F_minus, J
 
     def teacher_velocity(self, x_tau, tau, context, pooled, w) -> torch.Tensor:
         if self.teacher is None:
