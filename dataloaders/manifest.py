@@ -130,6 +130,8 @@ def checksum_matches(data: bytes, expected: str) -> bool:
 
 
 def _shard(d: dict, url: str) -> ShardInfo:
+    if "checksum" not in d and "sha256" in d:  # manifests written before "checksum" held "<algorithm>:<hex>"
+        d = {**d, "checksum": f"sha256:{d['sha256']}"}
     info = ShardInfo(d["path"], int(d["rows"]), int(d["bytes"]), str(d["checksum"]))
     if info.checksum.split(":", 1)[0] not in CHECKSUMS:
         raise ManifestError(f"manifest {url}: shard {info.path} has checksum {info.checksum!r}; known algorithms: "

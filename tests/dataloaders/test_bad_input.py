@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import urllib.request
 from pathlib import Path
@@ -63,13 +64,29 @@ def test_truncated_shard_is_corrupt(small_local):
         read_epoch(small_local)
 
 
-def test_bit_flip_fails_the_checksum(small_local):
-    path, info = first_shard(small_local)
+def flip_a_bit_in_the_first_shard_and_expect_a_checksum_error(url: str) -> None:
+    path, info = first_shard(url)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x10
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptShardError, match=f"{info['path']} is corrupt: checksum differs"):
-        read_epoch(small_local)
+        read_epoch(url)
+
+
+def test_bit_flip_fails_the_checksum(small_local):
+    flip_a_bit_in_the_first_shard_and_expect_a_checksum_error(small_local)
+
+
+def test_manifest_with_the_early_bare_sha256_key_is_read_and_verified(small_local):
+    """Datasets written before shard checksums were "<algorithm>:<hex>" stored a bare "sha256" per shard."""
+    manifest = json.loads(Path(small_local).read_text())
+    for shard in manifest["shards"]:
+        del shard["checksum"]
+        shard["sha256"] = hashlib.sha256((Path(small_local).parent / shard["path"]).read_bytes()).hexdigest()
+    Path(small_local).write_text(json.dumps(manifest))
+    batch, _ = read_epoch(small_local)
+    assert len(batch["sample_id"]) == manifest["num_samples"]
+    flip_a_bit_in_the_first_shard_and_expect_a_checksum_error(small_local)
 
 
 def test_skip_policy_drops_and_counts_the_corrupt_shards_samples(small_local):
