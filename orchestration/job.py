@@ -107,7 +107,8 @@ def launch(cfg: JobConfig, mlflow_run_id: str | None, recipe: str = "rectified_f
     path, fs = storage(cfg)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id, "recipe": recipe},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id, "recipe": recipe,
+                           "teacher_cache": str(HOME / "teachers")},
         scaling_config=ScalingConfig(
             num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
             resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})},
@@ -258,7 +259,14 @@ def train_worker(loop_config: dict) -> None:
     val_iter = iter(val_loader)
     val_batches = [next(val_iter) for _ in range(cfg.train.val_batches)]
     empty = open_dataset(data.url, dict(data.storage_options)).empty_condition()
-    recipe = build_recipe(loop_config["recipe"], cfg, empty)
+    recipe_cfg = cfg
+    if loop_config["recipe"] == "scd" and cfg.distill.teacher:
+        from orchestration.distill import local_teacher
+
+        # The run's config keeps the teacher's URL; the recipe reads this node's copy.
+        recipe_cfg = cfg.model_copy(deep=True)
+        recipe_cfg.distill.teacher = str(local_teacher(cfg.distill.teacher, Path(loop_config["teacher_cache"])))
+    recipe = build_recipe(loop_config["recipe"], recipe_cfg, empty)
     run_id = loop_config.get("mlflow_run_id")
     tracker = Tracker(cfg.mlflow.tracking_uri, run_id, cfg.mlflow.system_metrics) if rank == 0 and run_id else None
     trainer = Trainer(cfg, recipe, RayHooks(cfg, loader, tracker, rank))
