@@ -388,7 +388,9 @@ class MMDiT(nn.Module):
         p = self.cfg.patch_size
         h, w = H // p, W // p
         if tangents is None:
-            tokens = self.x_embedder(x).flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, h*w, D)
+            # (B, D, h, w) -> (B, h*w, D). Contiguous: a per-block-compiled block returned wrong gradients for
+            # this transposed layout (torch 2.13, CPU inductor; tests/trainer/test_guards.py).
+            tokens = self.x_embedder(x).flatten(2).transpose(1, 2).contiguous()
             tokens = tokens + self.pos_embed(h, w, tokens.device, tokens.dtype)
             c = self.conditioning(t, pooled, guidance)
             ctx = self.context_embedder(context)
@@ -399,8 +401,8 @@ class MMDiT(nn.Module):
 
         dx, dt = tangents
         tokens, dtokens = self.x_embedder(x, dx)
-        tokens = tokens.flatten(2).transpose(1, 2) + self.pos_embed(h, w, tokens.device, tokens.dtype)
-        dtokens = dtokens.flatten(2).transpose(1, 2)  # the positional table is constant
+        tokens = tokens.flatten(2).transpose(1, 2).contiguous() + self.pos_embed(h, w, tokens.device, tokens.dtype)
+        dtokens = dtokens.flatten(2).transpose(1, 2).contiguous()  # the positional table is constant
         c, dc = self.conditioning(t, pooled, guidance, dt)
         ctx = self.context_embedder(context)
         dctx = torch.zeros(ctx.shape, dtype=dx.dtype, device=ctx.device)  # text tokens carry no input tangent
