@@ -14,17 +14,6 @@ import torch.nn.functional as F
 from kernels.jvp import attention_jvp, check_attention_shapes
 
 
-def _recomputed_sdpa_backward(inputs, needs_input_grad, grad_out: torch.Tensor):
-    """Gradients of SDPA in (q, k, v) by recomputing it under autograd: its fused backward needs the forward's
-    log-sum-exp, which the public SDPA call does not return."""
-    inputs = [t.detach().requires_grad_(needed) for t, needed in zip(inputs, needs_input_grad)]
-    wanted = [t for t in inputs if t.requires_grad]
-    with torch.enable_grad():
-        out = F.scaled_dot_product_attention(*inputs)
-    grads = iter(torch.autograd.grad(out, wanted, grad_out))
-    return tuple(next(grads) if t.requires_grad else None for t in inputs)
-
-
 class AttentionWithJVP(torch.autograd.Function):
     """SDPA with a ``jvp`` rule; ``setup_context`` (not a ctx argument of ``forward``) is what lets
     ``torch.func`` transforms use it (SCD.md section 7)."""
@@ -40,9 +29,15 @@ class AttentionWithJVP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        # This path only runs when a JVP and a backward go through the same call (see ``attention``), so the
-        # recompute is confined to that case.
-        return _recomputed_sdpa_backward(ctx.saved_tensors, ctx.needs_input_grad, grad_out)
+        # Recompute through SDPA's own autograd: its fused backward needs the forward's log-sum-exp, which
+        # the public SDPA call does not return. This path only runs when a JVP and a backward go through
+        # the same call (see ``attention``), so the extra forward is confined to that case.
+        inputs = [t.detach().requires_grad_(needed) for t, needed in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+        wanted = [t for t in inputs if t.requires_grad]
+        with torch.enable_grad():
+            out = F.scaled_dot_product_attention(*inputs)
+        grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return tuple(next(grads) if t.requires_grad else None for t in inputs)
 
     @staticmethod
     def jvp(ctx, dq, dk, dv):

@@ -253,6 +253,7 @@ class JointBlock(nn.Module):
                                                               dout[:, :n_ctx], dc_mods)
         return context, x, dcontext, dx
 
+
 class FinalLayer(nn.Module):
     """adaLN (shift, scale) then a linear map to patch_size^2 * out_channels per token."""
 
@@ -388,9 +389,7 @@ class MMDiT(nn.Module):
         p = self.cfg.patch_size
         h, w = H // p, W // p
         if tangents is None:
-            # (B, D, h, w) -> (B, h*w, D). Contiguous: a per-block-compiled block returned wrong gradients for
-            # this transposed layout (torch 2.13, CPU inductor; tests/trainer/test_guards.py).
-            tokens = self.x_embedder(x).flatten(2).transpose(1, 2).contiguous()
+            tokens = self.to_tokens(self.x_embedder(x))
             tokens = tokens + self.pos_embed(h, w, tokens.device, tokens.dtype)
             c = self.conditioning(t, pooled, guidance)
             ctx = self.context_embedder(context)
@@ -401,8 +400,8 @@ class MMDiT(nn.Module):
 
         dx, dt = tangents
         tokens, dtokens = self.x_embedder(x, dx)
-        tokens = tokens.flatten(2).transpose(1, 2).contiguous() + self.pos_embed(h, w, tokens.device, tokens.dtype)
-        dtokens = dtokens.flatten(2).transpose(1, 2).contiguous()  # the positional table is constant
+        tokens = self.to_tokens(tokens) + self.pos_embed(h, w, tokens.device, tokens.dtype)
+        dtokens = self.to_tokens(dtokens)  # the positional table is constant
         c, dc = self.conditioning(t, pooled, guidance, dt)
         ctx = self.context_embedder(context)
         dctx = torch.zeros(ctx.shape, dtype=dx.dtype, device=ctx.device)  # text tokens carry no input tangent
@@ -411,6 +410,12 @@ class MMDiT(nn.Module):
         out, dout = self.final_layer(tokens, c, dtokens, dc)
         out, dout = self.unpatchify(out, h, w), self.unpatchify(dout, h, w)
         return (out, c, dout) if return_conditioning else (out, dout)
+
+    @staticmethod
+    def to_tokens(patches: torch.Tensor) -> torch.Tensor:
+        """(B, D, h, w) -> (B, h*w, D), contiguous: a per-block-compiled block returned wrong gradients for the
+        transposed layout (torch 2.13, CPU inductor; tests/trainer/test_mmdit.py)."""
+        return patches.flatten(2).transpose(1, 2).contiguous()
 
     def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
         B, p, C = tokens.shape[0], self.cfg.patch_size, self.cfg.out_channels
