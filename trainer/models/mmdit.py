@@ -6,6 +6,10 @@ sequence. The last block's context stream is "pre-only": it contributes keys and
 discarded. All attention goes through ``kernels.attention`` so that its forward-mode JVP (sCD) has one
 place to live.
 
+For sCD's fused JVP pass, ``forward(..., tangents=(dx, dt))`` also propagates a tangent. Each primal is
+written once; the modules compute the tangent beside it, in their ``tangent`` / ``*_tangent`` methods, from
+the intermediates the primal returns (the per-layer rules are in ``trainer.models.tangent``).
+
 Built on any device, including ``meta``; weights are set by ``init_weights`` (so FSDP2 can shard a
 meta-built model first and initialise only its shards).
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -78,19 +82,22 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class PatchEmbed(nn.Conv2d):
-    """(B, C, H, W) -> (B, D, H/p, W/p): a p x p convolution with stride p; with ``dx``, also its tangent."""
+    """(B, C, H, W) -> (B, D, H/p, W/p): a p x p convolution with stride p; with ``dx``, (y, dy)."""
 
     def forward(self, x: torch.Tensor, dx: torch.Tensor | None = None):
         y = super().forward(x)
         if dx is None:
             return y
         with tangent.tangent_mode(x.device.type):
-            dy = F.conv2d(dx, self.weight.to(dx.dtype), None, self.stride)
-        return y, dy
+            return y, self.tangent(dx)
+
+    def tangent(self, dx: torch.Tensor) -> torch.Tensor:
+        """The convolution is linear: its tangent at frozen weights is dx convolved, without the bias."""
+        return F.conv2d(dx, self.weight.to(dx.dtype), None, self.stride)
 
 
 class MLPEmbedder(nn.Module):
-    """Linear -> SiLU -> Linear, the timestep and pooled-text embedders; with ``dx``, also the tangent."""
+    """Linear -> SiLU -> Linear, the timestep and pooled-text embedders; with ``dx``, (y, dy)."""
 
     def __init__(self, in_dim: int, hidden: int):
         super().__init__()
@@ -98,13 +105,16 @@ class MLPEmbedder(nn.Module):
         self.fc2 = nn.Linear(hidden, hidden)
 
     def forward(self, x: torch.Tensor, dx: torch.Tensor | None = None):
-        h = self.fc1(x)
+        h = self.fc1(x)  # (B, in_dim) -> (B, D)
         y = self.fc2(F.silu(h))
         if dx is None:
             return y
         with tangent.tangent_mode(x.device.type):
-            dy = tangent.linear(self.fc2.weight, tangent.silu(h, tangent.linear(self.fc1.weight, dx)))
-        return y, dy
+            return y, self.tangent(h, dx)
+
+    def tangent(self, h: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        """The tangent along dx, given the primal's ``h = fc1(x)`` (SiLU's slope is read there)."""
+        return tangent.linear(self.fc2.weight, tangent.silu(h, tangent.linear(self.fc1.weight, dx)))
 
 
 class RMSNorm(nn.Module):
@@ -125,6 +135,11 @@ class RMSNorm(nn.Module):
         return (normed * self.weight.to(dtype)).to(x.dtype)
 
 
+def qk_norm_tangent(norm: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """The tangent of a QK-norm at its primal input x: RMSNorm's, or dx itself for the identity (no QK-norm)."""
+    return tangent.rms_norm(x, dx, norm.weight, norm.eps) if isinstance(norm, RMSNorm) else dx
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN: x * (1 + scale) + shift, with (B, D) modulations broadcast over the sequence."""
     return x * (1 + scale[:, None]) + shift[:, None]
@@ -135,14 +150,38 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 # --------------------------------------------------------------------------------------------------
 
 
+class PreAttention(NamedTuple):
+    """What a stream's ``pre_attention`` keeps for its ``post_attention`` and for its tangent."""
+
+    s: torch.Tensor  # (B, N, D) the stream in
+    c: torch.Tensor  # (B, D) the conditioning vector
+    mods: tuple[torch.Tensor, ...]  # (B, D) each: shift, scale, gate of attention, then of the MLP (pre-only: 2)
+    normed: torch.Tensor  # (B, N, D) norm1(s)
+    q: torch.Tensor  # (B, N, H, Dh) before the QK-norm
+    k: torch.Tensor
+
+
+class PostAttention(NamedTuple):
+    """What a stream's ``post_attention`` keeps for its tangent."""
+
+    mods: tuple[torch.Tensor, ...]  # as in PreAttention
+    s: torch.Tensor  # (B, N, D) the stream after the attention branch
+    normed: torch.Tensor  # (B, N, D) norm2(s)
+    projected: torch.Tensor  # (B, N, D) proj(attention)
+    hidden: torch.Tensor  # (B, N, mlp_ratio * D) the MLP's first linear, before the GELU
+    mlp_out: torch.Tensor  # (B, N, D)
+
+
 class StreamBlock(nn.Module):
     """One stream (image or text) of a joint block: adaLN-Zero, qkv with QK-norm, out-proj, MLP.
 
     ``pre_only`` (the text stream of the last block) keeps only the modulation of the attention input
     and the qkv projection: its k, v feed the image stream and its output is discarded.
 
-    Both halves optionally carry a tangent (``ds`` of the stream, ``dc`` of the conditioning vector) next to
-    the primal, for sCD's JVP pass (``trainer.models.tangent``).
+    The two halves around the joint attention (SD3's ``pre_attention`` / ``post_attention``) also return
+    the intermediates their tangents (``*_tangent``, sCD's JVP pass, ``trainer.models.tangent``) read, so
+    the tangent recomputes no per-token tensor; with grad enabled autograd keeps them anyway. The tangent
+    methods run under ``tangent.tangent_mode``, entered by ``JointBlock.forward``.
     """
 
     def __init__(self, cfg: ModelConfig, pre_only: bool = False):
@@ -160,51 +199,63 @@ class StreamBlock(nn.Module):
             hidden = int(D * cfg.mlp_ratio)
             self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
 
-    def pre_attention(self, s: torch.Tensor, c: torch.Tensor, ds: torch.Tensor | None = None,
-                      dc: torch.Tensor | None = None):
-        """-> q, k, v as (B, heads, N, head_dim) and the modulations the post-attention half needs; with
-        tangents, also (dq, dk, dv) and the modulations' tangents."""
-        n_mods = 2 if self.pre_only else 6
-        mods = self.adaLN_modulation(F.silu(c)).chunk(n_mods, dim=-1)
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, N, 3D) -> q, k, v as (B, N, H, Dh)."""
+        return qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+
+    def pre_attention(self, s: torch.Tensor, c: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], PreAttention]:
+        """The stream s (B, N, D) under c (B, D) -> q, k, v as (B, H, N, Dh), and what the rest reads."""
+        mods = self.adaLN_modulation(F.silu(c)).chunk(2 if self.pre_only else 6, dim=-1)
+        shift_msa, scale_msa = mods[:2]
         normed = self.norm1(s)
-        h = modulate(normed, mods[0], mods[1])
-        B, N, _ = h.shape
-        q, k, v = self.qkv(h).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)  # (B, N, H, Dh) each
-        qkv = (self.ln_q(q).transpose(1, 2), self.ln_k(k).transpose(1, 2), v.transpose(1, 2))
-        if ds is None:
-            return qkv, mods[2:]
-        with tangent.tangent_mode(s.device.type):
-            dmods = tangent.linear(self.adaLN_modulation.weight, tangent.silu(c, dc)).chunk(n_mods, dim=-1)
-            dh = tangent.modulate(normed, tangent.layer_norm(s, ds, self.norm1.eps), mods[1], dmods[0], dmods[1])
-            dq, dk, dv = tangent.linear(self.qkv.weight, dh).view(B, N, 3, self.num_heads, self.head_dim).unbind(2)
-            dqkv = (self._qk_norm_tangent(self.ln_q, q, dq).transpose(1, 2),
-                    self._qk_norm_tangent(self.ln_k, k, dk).transpose(1, 2), dv.transpose(1, 2))
-        return qkv, mods[2:], dqkv, dmods[2:]
+        q, k, v = self.split_heads(self.qkv(modulate(normed, shift_msa, scale_msa)))  # (B, N, D) -> (B, N, H, Dh)
+        qkv = (self.ln_q(q).transpose(1, 2), self.ln_k(k).transpose(1, 2), v.transpose(1, 2))  # -> (B, H, N, Dh)
+        return qkv, PreAttention(s, c, mods, normed, q, k)
 
-    @staticmethod
-    def _qk_norm_tangent(norm: nn.Module, x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-        return tangent.rms_norm(x, dx, norm.weight, norm.eps) if isinstance(norm, RMSNorm) else dx
+    def pre_attention_tangent(self, saved: PreAttention, ds: torch.Tensor, dc: torch.Tensor):
+        """The tangent of ``pre_attention`` along (ds, dc): (dq, dk, dv) as (B, H, N, Dh), and the
+        modulations' tangents."""
+        dmods = tangent.modulations(self.adaLN_modulation.weight, saved.c, dc, len(saved.mods))
+        dshift_msa, dscale_msa = dmods[:2]
+        dh = tangent.modulated_layer_norm(saved.s, ds, saved.normed, saved.mods[1], dshift_msa, dscale_msa,
+                                          self.norm1.eps)
+        dq, dk, dv = self.split_heads(tangent.linear(self.qkv.weight, dh))
+        dq, dk = qk_norm_tangent(self.ln_q, saved.q, dq), qk_norm_tangent(self.ln_k, saved.k, dk)
+        return (dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)), dmods
 
-    def post_attention(self, s: torch.Tensor, attn: torch.Tensor, mods, ds: torch.Tensor | None = None,
-                       dattn: torch.Tensor | None = None, dmods=None):
-        """-> the stream after the gated attention and MLP branches; with tangents, (stream, its tangent)."""
-        gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+    def post_attention(self, attn: torch.Tensor, saved: PreAttention) -> tuple[torch.Tensor, PostAttention]:
+        """The stream's attention output (B, N, D) -> the stream after the gated attention and MLP branches,
+        and what its tangent reads."""
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = saved.mods
         projected = self.proj(attn)
-        s = s + gate_msa[:, None] * projected
+        s = saved.s + gate_msa[:, None] * projected
         normed = self.norm2(s)
         fc1, act, fc2 = self.mlp
-        hidden = fc1(modulate(normed, shift_mlp, scale_mlp))
+        hidden = fc1(modulate(normed, shift_mlp, scale_mlp))  # (B, N, D) -> (B, N, mlp_ratio * D)
         mlp_out = fc2(act(hidden))
-        out = s + gate_mlp[:, None] * mlp_out
-        if ds is None:
-            return out
-        dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp = dmods
-        with tangent.tangent_mode(s.device.type):
-            ds = tangent.gated_residual(ds, gate_msa, dgate_msa, projected, tangent.linear(self.proj.weight, dattn))
-            dh = tangent.modulate(normed, tangent.layer_norm(s, ds, self.norm2.eps), scale_mlp, dshift_mlp, dscale_mlp)
-            dmlp = tangent.linear(fc2.weight, tangent.gelu_tanh(hidden, tangent.linear(fc1.weight, dh)))
-            dout = tangent.gated_residual(ds, gate_mlp, dgate_mlp, mlp_out, dmlp)
-        return out, dout
+        return s + gate_mlp[:, None] * mlp_out, PostAttention(saved.mods, s, normed, projected, hidden, mlp_out)
+
+    def post_attention_tangent(self, saved: PostAttention, ds: torch.Tensor, dattn: torch.Tensor, dmods):
+        """The tangent of ``post_attention`` along the stream's tangent ds (its input to ``pre_attention``),
+        the attention output's dattn and the modulations' dmods."""
+        _, _, gate_msa, _, scale_mlp, gate_mlp = saved.mods
+        _, _, dgate_msa, dshift_mlp, dscale_mlp, dgate_mlp = dmods
+        fc1, _, fc2 = self.mlp
+        ds = tangent.gated_residual(ds, gate_msa, dgate_msa, saved.projected, tangent.linear(self.proj.weight, dattn))
+        dh = tangent.modulated_layer_norm(saved.s, ds, saved.normed, scale_mlp, dshift_mlp, dscale_mlp, self.norm2.eps)
+        dmlp = tangent.linear(fc2.weight, tangent.gelu_tanh(saved.hidden, tangent.linear(fc1.weight, dh)))
+        return tangent.gated_residual(ds, gate_mlp, dgate_mlp, saved.mlp_out, dmlp)
+
+
+def joint_sequence(context_qkv, x_qkv) -> tuple[torch.Tensor, ...]:
+    """The streams' (q, k, v), (B, H, L, Dh) and (B, H, N, Dh), as one [text, image] sequence (B, H, L + N, Dh)."""
+    return tuple(torch.cat([a, b], 2) for a, b in zip(context_qkv, x_qkv))
+
+
+def split_sequence(attn: torch.Tensor, n_ctx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, L + N, Dh) -> the text (B, L, D) and image (B, N, D) parts, heads merged."""
+    attn = attn.transpose(1, 2).flatten(2)
+    return attn[:, :n_ctx], attn[:, n_ctx:]
 
 
 class JointBlock(nn.Module):
@@ -224,34 +275,50 @@ class JointBlock(nn.Module):
         if dx is not None and tangent.in_backward():
             # Activation checkpointing's recompute needs only the primal's saved tensors: skip the tangent.
             return (*self.forward(context, x, c), None, None)
+        (q, k, v), saved = self.pre_attention(context, x, c)
         if dx is None:
-            (cq, ck, cv), c_mods = self.context_block.pre_attention(context, c)
-            (xq, xk, xv), x_mods = self.x_block.pre_attention(x, c)
-        else:
-            (cq, ck, cv), c_mods, (dcq, dck, dcv), dc_mods = self.context_block.pre_attention(context, c, dcontext, dc)
-            (xq, xk, xv), x_mods, (dxq, dxk, dxv), dx_mods = self.x_block.pre_attention(x, c, dx, dc)
-        n_ctx = context.shape[1]
-        q, k, v = torch.cat([cq, xq], 2), torch.cat([ck, xk], 2), torch.cat([cv, xv], 2)
-        if dx is None:
-            out = kernels.attention(q, k, v)
-        else:
-            with tangent.tangent_mode(x.device.type):
-                dq, dk, dv = torch.cat([dcq, dxq], 2), torch.cat([dck, dxk], 2), torch.cat([dcv, dxv], 2)
-            out, dout = kernels.attention_with_tangent(q, k, v, dq, dk, dv)
-            dout = dout.transpose(1, 2).flatten(2)
-        out = out.transpose(1, 2).flatten(2)  # (B, H, S, Dh) -> (B, S, D)
-        context_attn, x_attn = out[:, :n_ctx], out[:, n_ctx:]
-        if dx is None:
-            x = self.x_block.post_attention(x, x_attn, x_mods)
-            if self.context_block.pre_only:
-                return None, x
-            return self.context_block.post_attention(context, context_attn, c_mods), x
-        x, dx = self.x_block.post_attention(x, x_attn, x_mods, dx, dout[:, n_ctx:], dx_mods)
-        if self.context_block.pre_only:
-            return None, x, None, dx
-        context, dcontext = self.context_block.post_attention(context, context_attn, c_mods, dcontext,
-                                                              dout[:, :n_ctx], dc_mods)
+            context, x, _ = self.post_attention(kernels.attention(q, k, v), saved)
+            return context, x
+        with tangent.tangent_mode(x.device.type):
+            (dq, dk, dv), dmods = self.pre_attention_tangent(saved, dcontext, dx, dc)
+        attn, dattn = kernels.attention_with_tangent(q, k, v, dq, dk, dv)
+        context, x, saved = self.post_attention(attn, saved)
+        with tangent.tangent_mode(x.device.type):
+            dcontext, dx = self.post_attention_tangent(saved, dcontext, dx, dattn, dmods)
         return context, x, dcontext, dx
+
+    def pre_attention(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor):
+        """-> q, k, v over the joint sequence, (B, H, L + N, Dh) each, and the streams' saved intermediates."""
+        context_qkv, context_saved = self.context_block.pre_attention(context, c)
+        x_qkv, x_saved = self.x_block.pre_attention(x, c)
+        return joint_sequence(context_qkv, x_qkv), (context_saved, x_saved)
+
+    def pre_attention_tangent(self, saved, dcontext: torch.Tensor, dx: torch.Tensor, dc: torch.Tensor):
+        """-> (dq, dk, dv) over the joint sequence and the streams' modulation tangents."""
+        context_dqkv, context_dmods = self.context_block.pre_attention_tangent(saved[0], dcontext, dc)
+        x_dqkv, x_dmods = self.x_block.pre_attention_tangent(saved[1], dx, dc)
+        return joint_sequence(context_dqkv, x_dqkv), (context_dmods, x_dmods)
+
+    def post_attention(self, attn: torch.Tensor, saved):
+        """The joint attention (B, H, L + N, Dh) -> context (None from a pre-only text stream), x, and the
+        streams' saved intermediates. The image stream goes first: the order ops are recorded in fixes the
+        order autograd sums the gradients of c in."""
+        context_saved, x_saved = saved
+        context_attn, x_attn = split_sequence(attn, context_saved.s.shape[1])
+        x, x_saved = self.x_block.post_attention(x_attn, x_saved)
+        if self.context_block.pre_only:
+            return None, x, (None, x_saved)
+        context, context_saved = self.context_block.post_attention(context_attn, context_saved)
+        return context, x, (context_saved, x_saved)
+
+    def post_attention_tangent(self, saved, dcontext: torch.Tensor, dx: torch.Tensor, dattn: torch.Tensor, dmods):
+        """-> (dcontext, dx) after the block, from the joint attention's tangent dattn."""
+        context_saved, x_saved = saved
+        dcontext_attn, dx_attn = split_sequence(dattn, dcontext.shape[1])
+        dx = self.x_block.post_attention_tangent(x_saved, dx, dx_attn, dmods[1])
+        if self.context_block.pre_only:
+            return None, dx
+        return self.context_block.post_attention_tangent(context_saved, dcontext, dcontext_attn, dmods[0]), dx
 
 
 class FinalLayer(nn.Module):
@@ -265,16 +332,21 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(D, cfg.patch_size**2 * cfg.out_channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, dx: torch.Tensor | None = None, dc: torch.Tensor | None = None):
+        """Tokens (B, N, D) under c (B, D) -> (B, N, p*p*C_out); with the tangents (dx, dc), (y, dy)."""
         shift, scale = self.adaLN_modulation(F.silu(c)).chunk(2, dim=-1)
         normed = self.norm_final(x)
         y = self.linear(modulate(normed, shift, scale))
         if dx is None:
             return y
         with tangent.tangent_mode(x.device.type):
-            dshift, dscale = tangent.linear(self.adaLN_modulation.weight, tangent.silu(c, dc)).chunk(2, dim=-1)
-            dh = tangent.modulate(normed, tangent.layer_norm(x, dx, self.norm_final.eps), scale, dshift, dscale)
-            dy = tangent.linear(self.linear.weight, dh)
-        return y, dy
+            return y, self.tangent(x, c, normed, scale, dx, dc)
+
+    def tangent(self, x: torch.Tensor, c: torch.Tensor, normed: torch.Tensor, scale: torch.Tensor,
+                dx: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
+        """The tangent along (dx, dc), given the primal's inputs, ``norm_final(x)`` and the scale."""
+        dshift, dscale = tangent.modulations(self.adaLN_modulation.weight, c, dc, 2)
+        dh = tangent.modulated_layer_norm(x, dx, normed, scale, dshift, dscale, self.norm_final.eps)
+        return tangent.linear(self.linear.weight, dh)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +385,7 @@ class MMDiT(nn.Module):
 
     # ---- inputs ------------------------------------------------------------------------------------
 
-    def check_inputs(self, x, t, context, pooled) -> None:
+    def check_inputs(self, x, t, context, pooled, guidance) -> None:
         cfg = self.cfg
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, H, W) latents, got shape {tuple(x.shape)}")
@@ -332,6 +404,13 @@ class MMDiT(nn.Module):
             raise ValueError(
                 f"pooled must be (B={B}, model.pooled_dim={cfg.pooled_dim}), got {tuple(pooled.shape)}"
             )
+        if cfg.guidance_embed and (guidance is None or guidance.shape != t.shape):
+            raise ValueError(
+                f"this model has a guidance embedding (model.guidance_embed): pass guidance, one CFG scale per "
+                f"sample of shape {tuple(t.shape)}, got {None if guidance is None else tuple(guidance.shape)}"
+            )
+        if not cfg.guidance_embed and guidance is not None:
+            raise ValueError("guidance was given to a model without a guidance embedding (model.guidance_embed)")
 
     def pos_embed(self, h: int, w: int, device, dtype) -> torch.Tensor:
         key = (h, w, str(device), dtype)
@@ -345,12 +424,17 @@ class MMDiT(nn.Module):
             self._pos_cache[key] = table
         return self._pos_cache[key]
 
+    def image_tokens(self, patches: torch.Tensor) -> torch.Tensor:
+        """The patch embedding (B, D, h, w) -> tokens (B, h*w, D) with their positions."""
+        tokens = self.to_tokens(patches)
+        return tokens + self.pos_embed(*patches.shape[2:], tokens.device, tokens.dtype)
+
     def conditioning(self, t: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None,
                      dt: torch.Tensor | None = None):
         """c = TimestepMLP(sinusoidal(time_scale * t)) + PooledMLP(pooled) [+ GuidanceMLP(sinusoidal(w))], (B, D);
-        with the time tangent ``dt``, (c, dc) (only the time carries a tangent)."""
+        with the time tangent ``dt``, (c, dc): only the time carries a tangent."""
         scale = self.cfg.time_scale
-        t_freq = timestep_embedding(scale * t, self.cfg.time_freq_dim).to(pooled.dtype)
+        t_freq = timestep_embedding(scale * t, self.cfg.time_freq_dim).to(pooled.dtype)  # (B,) -> (B, time_freq_dim)
         if dt is None:
             c = self.t_embedder(t_freq)
         else:
@@ -359,15 +443,8 @@ class MMDiT(nn.Module):
             c, dc = self.t_embedder(t_freq, dt_freq)
         c = c + self.y_embedder(pooled)
         if self.cfg.guidance_embed:
-            if guidance is None or guidance.shape != t.shape:
-                raise ValueError(
-                    f"this model has a guidance embedding (model.guidance_embed): pass guidance, one CFG scale per "
-                    f"sample of shape {tuple(t.shape)}, got {None if guidance is None else tuple(guidance.shape)}"
-                )
             g_freq = timestep_embedding(GUIDANCE_FEATURE_SCALE * guidance, self.cfg.time_freq_dim)
             c = c + self.g_embedder(g_freq.to(pooled.dtype))
-        elif guidance is not None:
-            raise ValueError("guidance was given to a model without a guidance embedding (model.guidance_embed)")
         return c if dt is None else (c, dc)
 
     # ---- forward -----------------------------------------------------------------------------------
@@ -382,33 +459,29 @@ class MMDiT(nn.Module):
 
         ``tangents=(dx, dt)`` also returns the velocity's directional derivative along them at frozen weights,
         last in the tuple: ``(velocity, [c,] dvelocity)``. The primal is computed exactly as without tangents
-        (with its autograd graph when grad is enabled); the tangent is stop-gradient and in dx's dtype.
+        (with its autograd graph when grad is enabled); the tangent is stop-gradient and in dx's dtype. Each
+        module computes it inside its own forward, where FSDP2 has gathered its weights.
         """
-        self.check_inputs(x, t, context, pooled)
-        B, _, H, W = x.shape
-        p = self.cfg.patch_size
-        h, w = H // p, W // p
+        self.check_inputs(x, t, context, pooled, guidance)
+        h, w = x.shape[2] // self.cfg.patch_size, x.shape[3] // self.cfg.patch_size
         if tangents is None:
-            tokens = self.to_tokens(self.x_embedder(x))
-            tokens = tokens + self.pos_embed(h, w, tokens.device, tokens.dtype)
+            tokens = self.image_tokens(self.x_embedder(x))
             c = self.conditioning(t, pooled, guidance)
-            ctx = self.context_embedder(context)
+            ctx = self.context_embedder(context)  # (B, L, C_ctx) -> (B, L, D)
             for block in self.joint_blocks:
                 ctx, tokens = block(ctx, tokens, c)
-            out = self.unpatchify(self.final_layer(tokens, c), h, w)  # (B, h*w, p*p*C_out) -> (B, C_out, H, W)
+            out = self.unpatchify(self.final_layer(tokens, c), h, w)
             return (out, c) if return_conditioning else out
 
         dx, dt = tangents
-        tokens, dtokens = self.x_embedder(x, dx)
-        tokens = self.to_tokens(tokens) + self.pos_embed(h, w, tokens.device, tokens.dtype)
-        dtokens = self.to_tokens(dtokens)  # the positional table is constant
+        patches, dpatches = self.x_embedder(x, dx)
+        tokens, dtokens = self.image_tokens(patches), self.to_tokens(dpatches)  # the positions are constant
         c, dc = self.conditioning(t, pooled, guidance, dt)
         ctx = self.context_embedder(context)
         dctx = torch.zeros(ctx.shape, dtype=dx.dtype, device=ctx.device)  # text tokens carry no input tangent
         for block in self.joint_blocks:
             ctx, tokens, dctx, dtokens = block(ctx, tokens, c, dctx, dtokens, dc)
-        out, dout = self.final_layer(tokens, c, dtokens, dc)
-        out, dout = self.unpatchify(out, h, w), self.unpatchify(dout, h, w)
+        out, dout = (self.unpatchify(y, h, w) for y in self.final_layer(tokens, c, dtokens, dc))
         return (out, c, dout) if return_conditioning else (out, dout)
 
     @staticmethod
@@ -418,6 +491,7 @@ class MMDiT(nn.Module):
         return patches.flatten(2).transpose(1, 2).contiguous()
 
     def unpatchify(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """(B, h*w, p*p*C_out) -> (B, C_out, h*p, w*p)."""
         B, p, C = tokens.shape[0], self.cfg.patch_size, self.cfg.out_channels
         x = tokens.reshape(B, h, w, p, p, C)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(B, C, h * p, w * p)

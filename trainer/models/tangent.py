@@ -78,6 +78,17 @@ def modulate(h: torch.Tensor, dh: torch.Tensor, scale: torch.Tensor, dshift: tor
     return torch.addcmul(dshift[:, None], h.to(dtype), dscale[:, None]).addcmul_(dh, 1 + scale.to(dtype)[:, None])
 
 
+def modulations(weight: torch.Tensor, c: torch.Tensor, dc: torch.Tensor, chunks: int) -> tuple[torch.Tensor, ...]:
+    """Tangent of adaLN's modulations ``Linear(SiLU(c)).chunk(chunks)``, (B, D) each."""
+    return linear(weight, silu(c, dc)).chunk(chunks, dim=-1)
+
+
+def modulated_layer_norm(x: torch.Tensor, dx: torch.Tensor, normed: torch.Tensor, scale: torch.Tensor,
+                         dshift: torch.Tensor, dscale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Tangent of adaLN's ``modulate(layer_norm(x), shift, scale)``, given the primal's ``normed = layer_norm(x)``."""
+    return modulate(normed, layer_norm(x, dx, eps), scale, dshift, dscale)
+
+
 def gated_residual(ds: torch.Tensor, gate: torch.Tensor, dgate: torch.Tensor, y: torch.Tensor,
                    dy: torch.Tensor) -> torch.Tensor:
     """Tangent of the gated residual update ``s + gate[:, None] * y``, given the tangent ds of s."""
