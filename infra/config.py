@@ -202,6 +202,10 @@ class RunStorageConfig(Section):
     name: str = Field("", description="run name; relaunching with the same name resumes it. Empty = generated")
     storage_path: str = Field("", description="local directory or s3://bucket/prefix; empty = ./runs")
     s3_endpoint: str = Field("", description="S3-compatible endpoint URL for s3:// storage (else AWS_ENDPOINT_URL)")
+    cache_dir: str = Field(
+        "", description="node-local directory where remote checkpoints (teachers) are fetched once; empty = "
+        "FLOWSCALE_HOME/cache"
+    )
 
 
 class TrackingConfig(Section):
@@ -272,6 +276,9 @@ class JobConfig(Section):
     """A whole job."""
 
     name: str = Field("flowscale", description="experiment name (MLflow experiment, run-name prefix)")
+    recipe: str = Field(
+        "rectified_flow", description="the train spec by name (trainer.recipes): rectified_flow (pretraining) or scd"
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     flow: FlowConfig = Field(default_factory=FlowConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

@@ -11,8 +11,11 @@ read through an allow-list unpickler, so loading a checkpoint cannot run code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +34,10 @@ from torch.distributed.tensor import DTensor
 from trainer.models.mmdit import canonical_name
 from trainer.parallelize import world
 
-COMPLETE = "COMPLETE"
-META = "flowscale.json"
-LOADER = "loader.json"
+COMPLETE = "COMPLETE"  # written last: its presence marks a whole checkpoint
+META = "flowscale.json"  # step, world size, recipe, training seconds
+LOADER = "loader.json"  # the data loader's position
+CONFIG = "config.yaml"  # the run's resolved config
 
 
 class CheckpointError(RuntimeError):
@@ -112,7 +116,7 @@ def save(trainer, directory: str | Path, loader_state: dict | None = None, confi
         if loader_state is not None:
             (directory / LOADER).write_text(json.dumps(loader_state))
         if config_yaml is not None:
-            (directory / "config.yaml").write_text(config_yaml)
+            (directory / CONFIG).write_text(config_yaml)
         meta = {"step": trainer.step, "world_size": world_size, "recipe": trainer.recipe.name,
                 "train_seconds": trainer.train_seconds}
         (directory / META).write_text(json.dumps(meta))
@@ -187,3 +191,79 @@ def load_weights(model: torch.nn.Module, directory: str | Path, ema: bool = True
         for n, p in params.items():
             p.copy_(target[keys[n]].to(p.dtype))
     return json.loads((directory / META).read_text())
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints on storage: a local directory or any fsspec URL (s3://...)
+# --------------------------------------------------------------------------------------------------
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri.removeprefix("file://")).expanduser().resolve()
+
+
+def read_config(uri: str) -> dict:
+    """The resolved config a complete checkpoint was saved with, as a plain dict (empty if it saved none).
+    Reads two small files, never the weights, wherever the checkpoint lives."""
+    import yaml
+
+    if not is_remote(uri):
+        saved = check_complete(local_path(uri)) / CONFIG
+        text = saved.read_text() if saved.exists() else ""
+    else:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        path = path.rstrip("/")
+        if not fs.exists(f"{path}/{COMPLETE}"):
+            raise CheckpointError(f"checkpoint {uri} does not exist or is incomplete (no {COMPLETE} in it)")
+        text = fs.cat_file(f"{path}/{CONFIG}").decode() if fs.exists(f"{path}/{CONFIG}") else ""
+    return yaml.safe_load(text) or {}
+
+
+def fetch(uri: str, cache_dir: str | Path) -> Path:
+    """A local directory holding the checkpoint at ``uri``: the directory itself when local; otherwise a copy
+    under ``cache_dir``, downloaded once per URI and machine. Every process of a node may call this at once:
+    each downloads into its own scratch directory and renames it into place, so an interrupted download is
+    never taken for a checkpoint and the first finished copy wins. Credentials and endpoints come from the
+    environment, as for the data."""
+    if not is_remote(uri):
+        return local_path(uri)
+    import fsspec
+
+    cache = Path(cache_dir).expanduser()
+    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (target / COMPLETE).exists():
+        return target
+    fs, path = fsspec.core.url_to_fs(uri)
+    if not fs.exists(f"{path.rstrip('/')}/{COMPLETE}"):
+        raise CheckpointError(f"checkpoint {uri} does not exist or is incomplete (no {COMPLETE} in it)")
+    cache.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=cache))
+    try:
+        fs.get(path.rstrip("/") + "/", str(scratch), recursive=True)
+        scratch.rename(target)
+    except OSError:
+        shutil.rmtree(scratch, ignore_errors=True)
+        if not (target / COMPLETE).exists():  # not just another process finishing first
+            raise
+    return target
+
+
+def latest(runs_dir: str | Path, recipe: str) -> Path | None:
+    """The newest complete checkpoint of ``recipe`` under ``runs_dir/*/``."""
+    found = []
+    for meta in Path(runs_dir).expanduser().glob(f"*/checkpoint_*/{META}"):
+        directory = meta.parent
+        if (directory / COMPLETE).exists() and json.loads(meta.read_text()).get("recipe") == recipe:
+            found.append((meta.stat().st_mtime, directory))
+    return max(found)[1] if found else None
+
+
+def recipe_of(directory: str | Path) -> str:
+    """The name of the recipe that wrote the complete checkpoint in ``directory``."""
+    return json.loads((check_complete(directory) / META).read_text())["recipe"]

@@ -12,11 +12,10 @@ import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from infra.config import JobConfig
 from trainer import flops
@@ -24,19 +23,12 @@ from trainer.optim import EMA, build_optimizer, lr_factor
 from trainer.parallelize import materialize, parallelize, reshard, world
 from trainer.rng import RankStreams
 
+if TYPE_CHECKING:  # the recipes import this module (resolve_precision)
+    from trainer.recipes.base import Recipe
+
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps had a non-finite loss or gradient."""
-
-
-class Recipe(Protocol):
-    name: str
-
-    def build_model(self) -> nn.Module: ...
-
-    def loss(self, model: nn.Module, batch: dict, streams: RankStreams) -> tuple[torch.Tensor, dict]: ...
-
-    def validation_losses(self, model: nn.Module, batches: list[dict], seed: int) -> dict[str, torch.Tensor]: ...
 
 
 class TrainHooks:
@@ -107,7 +99,7 @@ class StepTimer:
 class Trainer:
     """Builds the model (meta -> parallelize -> materialize), optimizer, schedule and EMA, then trains."""
 
-    def __init__(self, cfg: JobConfig, recipe: Recipe, hooks: TrainHooks | None = None):
+    def __init__(self, cfg: JobConfig, recipe: "Recipe", hooks: TrainHooks | None = None):
         self.cfg, self.recipe, self.hooks = cfg, recipe, hooks or TrainHooks()
         self.rank, self.world_size = world()
         self.device = resolve_device(cfg)
@@ -120,8 +112,7 @@ class Trainer:
         self.local_batch = cfg.train.global_batch_size // self.world_size
         model = recipe.build_model()
         self.model = materialize(parallelize(model, cfg, self.amp_dtype), self.device, cfg.train.seed)
-        if hasattr(recipe, "init_model"):  # e.g. a distillation student that starts from its teacher
-            recipe.init_model(self.model)
+        recipe.init_model(self.model)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.ema = EMA(self.model, cfg.optim.ema_decay, cfg.optim.ema_warmup)
         self.streams = RankStreams(cfg.train.seed, self.rank, self.device)
@@ -156,8 +147,7 @@ class Trainer:
         """Forward, backward, clip, guard, optimizer step. Returns unreduced local tensors."""
         self.model.train()
         self.streams.at_step(self.step)
-        if hasattr(self.recipe, "at_step"):  # step-dependent objectives (sCD's tangent warmup)
-            self.recipe.at_step(self.step)
+        self.recipe.at_step(self.step)
         with self.autocast():
             loss, aux = self.recipe.loss(self.model, batch, self.streams)
         loss.backward()
@@ -288,20 +278,18 @@ class Trainer:
         return metrics
 
     def evaluate(self, val_batches, eval_condition, to_image) -> None:
-        """Validation losses, then one grid per entry of the recipe's ``eval_grids`` (sampling arguments
-        by grid name; one default grid otherwise) plus the recipe's ``reference_samples`` (say, the
-        teacher's), all for the same prompts and seed."""
+        """Validation losses, then one grid per entry of the recipe's ``sample_grids`` plus its
+        ``reference_samples`` (say, the teacher's), all for the same prompts and seed."""
         metrics = self.validate(val_batches)
         images = None
         if eval_condition is not None:
             to_image = to_image or (lambda x: x)
             seed = self.cfg.train.seed
-            grids = getattr(self.recipe, "eval_grids", {"samples": {}})
-            images = {name: to_image(self.sample_ema(*eval_condition, seed=seed, **kw)) for name, kw in grids.items()}
-            if hasattr(self.recipe, "reference_samples"):
-                context, pooled = (t.to(self.device) for t in eval_condition)
-                with self.autocast():
-                    reference = self.recipe.reference_samples(context, pooled, seed)
-                images.update({name: to_image(x) for name, x in reference.items()})
+            grids = self.recipe.sample_grids.items()
+            images = {name: to_image(self.sample_ema(*eval_condition, seed=seed, **kw)) for name, kw in grids}
+            context, pooled = (t.to(self.device) for t in eval_condition)
+            with self.autocast():
+                reference = self.recipe.reference_samples(context, pooled, seed)
+            images.update({name: to_image(x) for name, x in reference.items()})
         self.hooks.on_eval(self.step, metrics, images if self.rank == 0 else None)
 

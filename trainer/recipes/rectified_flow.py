@@ -5,25 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from infra.config import JobConfig
 from trainer import flow
 from trainer.models.mmdit import MMDiT
+from trainer.recipes.base import Recipe
 from trainer.rng import RankStreams
 
 
-class RectifiedFlowRecipe:
-    """What the loop needs to pretrain an MM-DiT with rectified flow.
-
-    ``empty_condition`` holds the encoding of the empty caption (``text_tokens`` (L, C_ctx),
-    ``text_pooled`` (C_pool,)): text dropout substitutes exactly what CFG uses as unconditional.
-    """
+class RectifiedFlowRecipe(Recipe):
+    """Pretraining an MM-DiT with rectified flow. Text dropout substitutes the empty caption's encoding,
+    exactly what CFG uses as unconditional."""
 
     name = "rectified_flow"
-
-    def __init__(self, cfg: JobConfig, empty_condition: dict[str, torch.Tensor]):
-        self.cfg = cfg
-        self.empty_context = empty_condition["text_tokens"].float()
-        self.empty_pooled = empty_condition["text_pooled"].float()
 
     def build_model(self) -> nn.Module:
         """The model on the meta device; the loop materialises and initialises it after parallelizing."""

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import yaml
 
-from infra.config import JobConfig, ModelConfig
-from trainer import flow, trigflow
-from trainer.checkpoint import check_complete, load_weights
+from infra.config import ConfigError, JobConfig, ModelConfig
+from trainer import checkpoint, flow, trigflow
 from trainer.loop import resolve_precision
 from trainer.models.mmdit import MMDiT, canonical_name
 from trainer.parallelize import materialize, parallelize, reshard
+from trainer.recipes.base import Recipe
 from trainer.rng import RankStreams, stream_seed
 
 TAU_BUCKETS = 4  # loss metrics per quarter of [0, pi/2]
@@ -100,19 +99,19 @@ class TrigFlowTeacher:
         return self.sigma_d * F.float()
 
 
-class SCDRecipe:
-    """What the loop needs to distill an MM-DiT into a 1-2 step consistency model (``distill.mode=scd``) or
-    to consistency-train it without a teacher (``distill.mode=sct``).
-
-    ``empty_condition`` is the empty caption's encoding (``text_tokens`` (L, C_ctx), ``text_pooled``
-    (C_pool,)), the teacher's unconditional input for CFG. The loop calls ``init_model`` after
-    materialising the student (loads the teacher, copies it into the student) and ``at_step`` before each
-    loss (the tangent warmup and the guidance stream are functions of the step).
+class SCDRecipe(Recipe):
+    """Distilling an MM-DiT into a 1-2 step consistency model (``distill.mode=scd``) or consistency-training
+    it without a teacher (``distill.mode=sct``). The empty caption is the teacher's unconditional input for
+    CFG. ``init_model`` loads the teacher and copies it into the student; ``at_step`` sets the step that the
+    tangent warmup and the guidance stream are functions of.
     """
 
     name = "scd"
+    # 1- and 2-step samples of the student; the teacher's grid comes from ``reference_samples``.
+    sample_grids = {"student_1step": {"steps": 1}, "student_2step": {"steps": 2}}
 
     def __init__(self, cfg: JobConfig, empty_condition: dict[str, torch.Tensor]):
+        super().__init__(cfg, empty_condition)
         d = cfg.distill
         if d.mode == "scd" and not d.teacher:
             raise ValueError(
@@ -122,14 +121,37 @@ class SCDRecipe:
         if cfg.train.compile:
             # pytorch#187284: torch.compile has silently dropped forward-mode tangents.
             raise ValueError("train.compile=true is not supported with sCD: the JVP pass must run eagerly")
-        self.cfg = cfg
-        self.empty_context = empty_condition["text_tokens"].float()
-        self.empty_pooled = empty_condition["text_pooled"].float()
         self.sampled_guidance = d.mode == "scd" and d.guidance == "sampled"
         self.student_cfg = cfg.model.model_copy(update={"guidance_embed": self.sampled_guidance})
         self.teacher_cfg = cfg.model.model_copy(update={"guidance_embed": False})
         self.teacher: TrigFlowTeacher | None = None
+        self._teacher_grid: torch.Tensor | None = None  # the frozen teacher's grid, sampled once
         self.step = 0
+
+    # ---- driver side -------------------------------------------------------------------------------
+
+    @classmethod
+    def resolve_config(cls, cfg: JobConfig, runs_dir: str) -> JobConfig:
+        """Fill ``distill.teacher`` (the config's, or the newest pretraining checkpoint under ``runs_dir``) and
+        give the student the teacher's architecture. A local teacher is recorded as an absolute path, a remote
+        one as its URL (each node's workers fetch it, see ``init_model``); only its config is read here."""
+        uri = cfg.distill.teacher
+        if not uri and cfg.distill.mode == "scd":
+            found = checkpoint.latest(runs_dir, "rectified_flow")
+            if found is None:
+                raise ConfigError(
+                    f"no teacher: pass --teacher CHECKPOINT (distill.teacher=...), or first pretrain one with "
+                    f"`python orchestration/pretrain.py` (it writes {runs_dir}/RUN/checkpoint_STEP)"
+                )
+            uri = str(found)
+        if not uri:
+            return cfg
+        model = checkpoint.read_config(uri).get("model", {})
+        cfg = cfg.model_copy(deep=True)
+        cfg.distill.teacher = uri if checkpoint.is_remote(uri) else str(checkpoint.local_path(uri))
+        if model:
+            cfg.model = ModelConfig.model_validate({**model, "guidance_embed": cfg.model.guidance_embed})
+        return cfg
 
     # ---- model -------------------------------------------------------------------------------------
 
@@ -141,14 +163,17 @@ class SCDRecipe:
     def init_model(self, model: nn.Module) -> None:
         """sCD: build and load the frozen teacher (sharded like the student), and start the student from it;
         sCT: start the student from ``distill.teacher`` when one is given."""
-        path = self.cfg.distill.teacher
-        if not path:
+        uri = self.cfg.distill.teacher
+        if not uri:
             return
+        if checkpoint.is_remote(uri) and not self.cfg.run.cache_dir:
+            raise ValueError(f"distill.teacher={uri} is remote: set run.cache_dir, where each node fetches it once")
+        path = checkpoint.fetch(uri, self.cfg.run.cache_dir)
         self.check_teacher(path)
         if self.cfg.distill.mode == "sct":
-            load_weights(model.net, path)
+            checkpoint.load_weights(model.net, path)
             return
-        net = self.build_teacher(next(model.parameters()).device)
+        net = self.build_teacher(next(model.parameters()).device, path)
         self.teacher = TrigFlowTeacher(net, self.empty_context, self.empty_pooled, self.cfg.distill.sigma_d)
         teacher_params = {canonical_name(n): p for n, p in net.named_parameters()}
         with torch.no_grad():
@@ -157,25 +182,19 @@ class SCDRecipe:
                 if name in teacher_params:  # all but the guidance embedding, which starts at zero output
                     p.copy_(teacher_params[name])  # DTensor to DTensor: same layout, local copies
 
-    def build_teacher(self, device: torch.device) -> nn.Module:
+    def build_teacher(self, device: torch.device, path: Path) -> nn.Module:
         with torch.device("meta"):
             net = MMDiT(self.teacher_cfg)
         # Nothing is back-propagated through the teacher: no activation checkpointing.
         train = self.cfg.train.model_copy(update={"activation_checkpointing": False})
         cfg = self.cfg.model_copy(update={"train": train})
         net = materialize(parallelize(net, cfg, resolve_precision(self.cfg, device)), device, self.cfg.train.seed)
-        load_weights(net, self.cfg.distill.teacher)
+        checkpoint.load_weights(net, path)
         return net
 
-    def check_teacher(self, path: str) -> None:
-        """The teacher checkpoint exists, is complete and was trained with this job's model.* sizes."""
-        if "://" in path:
-            raise ValueError(f"distill.teacher={path!r}: give a local checkpoint directory (copy it locally first)")
-        directory = check_complete(path)
-        saved = directory / "config.yaml"
-        if not saved.exists():
-            return
-        model = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
+    def check_teacher(self, path: str | Path) -> None:
+        """The local teacher checkpoint exists, is complete and was trained with this job's model.* sizes."""
+        model = checkpoint.read_config(str(path)).get("model", {})
         for key, value in model.items():
             if key == "guidance_embed" or key not in ModelConfig.model_fields:
                 continue
@@ -347,8 +366,6 @@ class SCDRecipe:
 
     # ---- evaluation grids ----------------------------------------------------------------------------
 
-    # The loop samples one grid per entry from the student's EMA weights (trainer.loop.Trainer.evaluate).
-    eval_grids = {"student_1step": {"steps": 1}, "student_2step": {"steps": 2}}
     TEACHER_STEPS = 50
 
     @torch.no_grad()
@@ -357,7 +374,7 @@ class SCDRecipe:
         the teacher is frozen. Same starting noise as the student's grids (shared seed and shape)."""
         if self.teacher is None:
             return {}
-        if getattr(self, "_teacher_grid", None) is None:
+        if self._teacher_grid is None:
             size = self.cfg.data.latent_size
             gen = torch.Generator(device=context.device).manual_seed(seed)
             noise = torch.randn((context.shape[0], self.cfg.model.in_channels, size, size), generator=gen,
