@@ -110,8 +110,8 @@ def main(argv=None) -> int:
         from orchestration.sample import sample_checkpoint
 
         prompts = [f"a handwritten digit {k}" for k in range(10)]
-        images_t, prompts = sample_checkpoint(args.checkpoint, prompts, args.num_per_prompt, args.steps,
-                                              args.cfg, args.seed, device="cpu")
+        images_t, prompts = sample_checkpoint(args.checkpoint, prompts, args.num_per_prompt, args.seed,
+                                              steps=args.steps, cfg_scale=args.cfg, device="cpu")
         images, label = images_t.numpy(), f"Euler {args.steps} steps, cfg {args.cfg:g}"
     print(format_table(evaluate(images, prompts, clf), label, held_out))
     return 0

@@ -25,12 +25,12 @@ from digits_quality import evaluate, train_classifier  # noqa: E402
 
 
 def run_info(directory: Path) -> dict:
-    from orchestration.sample import load_job_config
+    from orchestration.sample import checkpoint_config
     from trainer.checkpoint import META, check_complete
 
     directory = check_complete(directory)
     meta = json.loads((directory / META).read_text())
-    cfg = load_job_config(directory)
+    cfg = checkpoint_config(directory)
     return {"cfg": cfg, "step": meta["step"], "seconds": meta.get("train_seconds"),
             "samples": meta["step"] * cfg.train.global_batch_size}
 
@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     rows = {}
     for label, uri, steps in ((f"teacher, Euler {args.teacher_steps} steps", args.teacher, args.teacher_steps),
                               ("student, 1 step", args.student, 1), ("student, 2 steps", args.student, 2)):
-        images, expanded = sample_checkpoint(uri, prompts, args.num_per_prompt, steps, w, args.seed, device="cpu")
+        images, expanded = sample_checkpoint(uri, prompts, args.num_per_prompt, args.seed, steps=steps, cfg_scale=w,
+                                             device="cpu")
         rows[label] = evaluate(images.numpy(), expanded, clf)
     base = rows[f"teacher, Euler {args.teacher_steps} steps"]
     print(f"CFG w = {w:g}, {10 * args.num_per_prompt} samples each; classifier held-out accuracy {held_out:.3f}")

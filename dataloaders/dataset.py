@@ -364,13 +364,11 @@ def worker_context() -> multiprocessing.context.BaseContext:
 
 
 def build_loader(cfg, *, rank: int, world_size: int, global_batch_size: int, seed: int) -> StreamingLoader:
-    """The training loader for ``cfg`` (an ``infra.config.DataConfig``); an empty ``cfg.url`` means the
-    digits demo dataset, prepared locally on first use."""
+    """The training loader for ``cfg`` (an ``infra.config.DataConfig``)."""
     url = cfg.url
     if not url:
-        from dataloaders.prepare import ensure_digits
-
-        url = ensure_digits()
+        raise ValueError("data.url is empty: give the dataset's manifest URL (the job driver fills in the digits "
+                         "demo when none is given)")
     read = ReadOptions(storage_options=dict(cfg.storage_options), retries=cfg.retries, timeout_s=cfg.timeout_s,
                        fetch_threads=cfg.fetch_threads, cache_dir=cfg.cache_dir, cache_bytes=cfg.cache_bytes,
                        on_corrupt=cfg.on_corrupt, verify_checksums=cfg.verify_checksums)

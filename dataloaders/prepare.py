@@ -29,7 +29,6 @@ DIGIT_TEMPLATES = (
     "digit {k}",
     "a small grayscale image of the digit {k}",
 )
-DEFAULT_DIGITS_DIR = Path(__file__).resolve().parents[1] / ".cache" / "datasets" / "digits"
 
 
 def write_digits(out: str, *, shard_rows: int = 64, storage_options: dict | None = None,
@@ -62,7 +61,7 @@ def write_digits(out: str, *, shard_rows: int = 64, storage_options: dict | None
     return w.url
 
 
-def ensure_digits(directory: str | Path = DEFAULT_DIGITS_DIR) -> str:
+def ensure_digits(directory: str | Path) -> str:
     """The digits dataset's URL under ``directory``, writing it first if it is not there yet.
 
     Safe when several ranks race here: each writes its own shard names and the manifest lands by rename.

@@ -10,62 +10,46 @@ resolved config, which names the dataset whose text encoder and empty-caption en
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from infra.config import build_config
+from infra.config import JobConfig, build_config
+from orchestration import paths
 from trainer import checkpoint
 
 
-@contextlib.contextmanager
-def local_checkpoint(uri: str):
-    """A local directory holding the checkpoint at ``uri`` (downloaded first if remote)."""
-    if "://" not in uri or uri.startswith("file://"):
-        yield Path(uri.removeprefix("file://"))
-        return
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri)
-    with tempfile.TemporaryDirectory(prefix="flowscale-sample-") as tmp:
-        if not fs.exists(path):
-            raise checkpoint.CheckpointError(f"checkpoint {uri} does not exist")
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-        yield Path(tmp)
-
-
-def load_job_config(directory: Path):
-    import yaml
-
-    cfg_file = directory / "config.yaml"
-    if not cfg_file.exists():
-        raise checkpoint.CheckpointError(f"checkpoint {directory} has no config.yaml (not a flowscale checkpoint?)")
-    return build_config(yaml.safe_load(cfg_file.read_text()), source=str(cfg_file))
+def checkpoint_config(directory: Path) -> JobConfig:
+    """The resolved config a local checkpoint was saved with."""
+    saved = checkpoint.read_config(str(directory))
+    if not saved:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {directory} has no {checkpoint.CONFIG} (not a flowscale checkpoint?)")
+    return build_config(saved, source=str(directory / checkpoint.CONFIG))
 
 
 def sample_checkpoint(
-    uri: str, prompts: list[str], num_per_prompt: int, steps: int, cfg_scale: float, seed: int,
-    ema: bool = True, device: str | None = None,
+    uri: str, prompts: list[str], num_per_prompt: int, seed: int, steps: int | None = None,
+    cfg_scale: float | None = None, ema: bool = True, device: str | None = None,
 ) -> tuple[torch.Tensor, list[str]]:
-    """(images (N, C, H, W) float32 in [0, 1], prompt of each image), prompt-major."""
+    """(images (N, C, H, W) float32 in [0, 1], prompt of each image), prompt-major. ``steps`` and
+    ``cfg_scale`` default to the recipe's settings in the checkpoint's config. A remote checkpoint is
+    fetched once into FLOWSCALE_HOME/cache."""
     from dataloaders.dataset import open_dataset
     from dataloaders.text_encoders import load_text_encoder
     from orchestration.images import latents_to_images
-    from orchestration.job import build_recipe
+    from trainer.recipes import build_recipe
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with local_checkpoint(uri) as directory:
-        cfg = load_job_config(directory)
-        opts = dict(cfg.data.storage_options)
-        empty = open_dataset(cfg.data.url, opts).empty_condition()
-        recipe = build_recipe(json.loads((directory / checkpoint.META).read_text())["recipe"], cfg, empty)
-        model = recipe.build_model().to_empty(device="cpu")
-        checkpoint.load_weights(model, directory, ema=ema)
+    directory = checkpoint.fetch(uri, paths.cache_dir())
+    cfg = checkpoint_config(directory)
+    opts = dict(cfg.data.storage_options)
+    empty = open_dataset(cfg.data.url, opts).empty_condition()
+    recipe = build_recipe(checkpoint.recipe_of(directory), cfg, empty)
+    model = recipe.build_model().to_empty(device="cpu")
+    checkpoint.load_weights(model, directory, ema=ema)
     model.to(dev).eval()
     encoder = load_text_encoder(cfg.data.url, opts)
     expanded = [p for p in prompts for _ in range(num_per_prompt)]
@@ -97,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         images, prompts = sample_checkpoint(
-            args.checkpoint, args.prompt, args.num_per_prompt, args.steps, args.cfg, args.seed,
+            args.checkpoint, args.prompt, args.num_per_prompt, args.seed, steps=args.steps, cfg_scale=args.cfg,
             ema=not args.raw, device=args.device,
         )
     except (checkpoint.CheckpointError, ValueError, FileNotFoundError) as e:

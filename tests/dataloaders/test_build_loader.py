@@ -80,10 +80,6 @@ def test_digit_captions_match_their_images_label(digits_url):
     assert any(c.startswith("a handwritten digit ") for c in batch["caption"])
 
 
-def test_empty_url_prepares_the_digits_demo(tmp_path, monkeypatch):
-    import dataloaders.prepare as prepare
-
-    monkeypatch.setattr(prepare, "DEFAULT_DIGITS_DIR", tmp_path / "digits")
-    monkeypatch.setattr(prepare.ensure_digits, "__defaults__", (tmp_path / "digits",))
-    loader = dataloaders.build_loader(digits_cfg(""), rank=0, world_size=1, global_batch_size=8, seed=0)
-    assert (tmp_path / "digits" / "manifest.json").exists() and len(next(iter(loader))["caption"]) == 8
+def test_empty_url_is_an_error_that_names_the_key():
+    with pytest.raises(ValueError, match="data.url is empty"):
+        dataloaders.build_loader(digits_cfg(""), rank=0, world_size=1, global_batch_size=8, seed=0)

@@ -34,10 +34,10 @@ def ray_cluster(s3_server):
 
 @pytest.fixture(scope="session")
 def workspace(tmp_path_factory):
-    from orchestration import job
+    from orchestration import paths
 
     root = tmp_path_factory.mktemp("pretrain")
-    job.HOME = root  # the jobs' local defaults (grids of S3-stored runs) stay inside the test's directory
+    paths.HOME = root  # the jobs' local defaults (caches, grids of S3-stored runs) stay inside the test's directory
     return {"root": root, "data": ensure_digits(root / "digits"), "mlflow": f"sqlite:///{root / 'mlflow.db'}"}
 
 

@@ -51,7 +51,7 @@ def test_distillation_tracks_scd_metrics_and_grids(student, workspace):
     for grid in ("student_1step", "student_2step", "teacher"):
         assert grid in images, images
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
-    assert "samples-1step.png" in artifacts and "samples-2step.png" in artifacts
+    assert "student_1step.png" in artifacts and "student_2step.png" in artifacts
 
 
 @pytest.mark.parametrize("steps", [1, 2])
@@ -71,28 +71,30 @@ def test_without_a_teacher_it_names_the_command_to_run_first(tmp_path):
 
 def test_a_teacher_in_object_storage_is_fetched_by_the_workers_once_per_node(teacher, s3_bucket, workspace, tmp_path):
     """The driver reads only the teacher's config (for the architecture); the workers fetch the weights into
-    FLOWSCALE_HOME/teachers once, and the run records the URL."""
+    run.cache_dir once, and the run records the URL."""
     import s3fs
 
     from infra.config import load_config
-    from trainer.checkpoint import CheckpointError, check_complete
+    from trainer import checkpoint
+    from trainer.recipes.scd import SCDRecipe
 
     fs = s3fs.S3FileSystem()
     uri = f"{s3_bucket}/teacher/checkpoint_00000010"
     fs.put(str(teacher) + "/", uri.removeprefix("s3://"), recursive=True)
-    cfg = distill.with_teacher(load_config("distill-demo", []), uri, tmp_path)
+    cfg = SCDRecipe.resolve_config(load_config("distill-demo", [f"distill.teacher={uri}"]), str(tmp_path))
     assert cfg.distill.teacher == uri and cfg.model.depth == 2  # the test teacher's depth
-    assert not (tmp_path / "teachers").exists()  # no weights fetched by the driver
+    assert not any(tmp_path.iterdir())  # no weights fetched by the driver
 
-    assert distill.main(["--teacher", uri, *distill_args(workspace, "student-of-s3")]) == 0
+    cache = tmp_path / "cache"
+    assert distill.main(["--teacher", uri, *distill_args(workspace, "student-of-s3", f"run.cache_dir={cache}")]) == 0
     _, run = mlflow_run(workspace, "student-of-s3", experiment="distill-demo")
     assert run.data.params["distill.teacher"] == uri
-    (copy,) = [p for p in (workspace["root"] / "teachers").iterdir()]
-    check_complete(copy)
+    (copy,) = [p for p in cache.iterdir()]
+    checkpoint.check_complete(copy)
     assert sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file()) == \
         sorted(p.relative_to(teacher) for p in teacher.rglob("*") if p.is_file())
     fs.rm(uri.removeprefix("s3://"), recursive=True)  # later workers on this node read the local copy
-    assert distill.local_teacher(uri, workspace["root"] / "teachers") == copy
+    assert checkpoint.fetch(uri, cache) == copy
 
-    with pytest.raises(CheckpointError, match=f"{s3_bucket}/missing does not exist"):
-        distill.with_teacher(load_config("distill-demo", []), f"{s3_bucket}/missing", tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match=f"{s3_bucket}/missing does not exist"):
+        SCDRecipe.resolve_config(load_config("distill-demo", [f"distill.teacher={s3_bucket}/missing"]), str(tmp_path))

@@ -1,0 +1,50 @@
+"""The command line shared by the job entry scripts (pretrain.py, distill.py):
+
+    SCRIPT [--config PRESET] [--dump-config] [section.key=value ...]
+
+The config is loaded (``configs/PRESET.yaml`` plus dotted overrides), resolved and checked before any Ray
+resource is taken; then ``orchestration.driver.run`` runs the job and the closing lines say where everything
+is. Exit codes: 0 done, 1 the job failed, 2 bad input (the message names the key, file or URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from infra.config import ConfigError, dump_config, load_config
+
+
+def main(argv: list[str] | None, *, doc: str, recipe: str, preset: str,
+         flags: dict[str, tuple[str, str]] | None = None) -> int:
+    """Run the entry script whose module docstring is ``doc``, for configs of ``recipe`` (default config
+    ``preset``). ``flags`` adds options that set a config key: ``{"--teacher": ("distill.teacher", help)}``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--config", default=preset, help="preset name (configs/NAME.yaml) or YAML path")
+    parser.add_argument("--dump-config", action="store_true", help="print the resolved config and exit")
+    for flag, (key, text) in (flags or {}).items():
+        parser.add_argument(flag, dest=key, default=None, help=f"{text} (sets {key})")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 run.name=my-run")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    flag_overrides = [f"{key}={getattr(args, key)}" for key, _ in (flags or {}).values()
+                      if getattr(args, key) is not None]
+
+    from orchestration import driver
+
+    try:
+        cfg = load_config(args.config, [*args.overrides, *flag_overrides])
+        if args.dump_config:
+            print(dump_config(cfg))
+            return 0
+        if cfg.recipe != recipe:
+            raise ConfigError(f"{args.config} is a recipe={cfg.recipe} job; this script runs recipe={recipe} jobs")
+        cfg = driver.prepare(cfg)
+    except driver.INPUT_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = driver.run(cfg)
+    if result.error is not None:
+        print(f"error: run {cfg.run.name} failed: {result.error}", file=sys.stderr)
+        return 1
+    print("\n" + driver.summary(result))
+    return 0

@@ -1,0 +1,237 @@
+"""The driver of a flowscale Ray Train job: resolve and check the config, then
+``ScalingConfig -> RunConfig -> TorchTrainer(train_worker) -> fit()``, then the final grids.
+
+``prepare(cfg)`` fills the run's defaults and fails fast (before any Ray resource is taken) on a bad config,
+an unreachable dataset or an unwritable storage path. ``run(cfg)`` runs the prepared job on the connected (or
+a new local) Ray cluster and returns a ``JobResult``; it is what the entry scripts' CLI calls, and it can be
+called from inside another Ray task. The per-worker side is ``orchestration.worker``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dataloaders.errors import DataError
+from infra.config import ConfigError, JobConfig, dump_config, flat_params
+from orchestration import paths
+from trainer import checkpoint
+from trainer.recipes import recipe_class
+
+
+@dataclass
+class JobResult:
+    """What a finished (or failed) job leaves behind."""
+
+    cfg: JobConfig
+    run_dir: str
+    checkpoint: str | None = None  # the last reported checkpoint (storage-relative path for remote storage)
+    metrics: dict = field(default_factory=dict)  # the last reported metrics
+    grids: list[str] = field(default_factory=list)  # local PNGs of the final sample grids
+    mlflow_run_id: str | None = None
+    error: BaseException | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# Before Ray: resolve and check
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve(cfg: JobConfig) -> JobConfig:
+    """Fill the run's defaults (a fresh run name, local storage, tracking and cache, the demo dataset), then
+    what the recipe derives (``Recipe.resolve_config``: an sCD teacher and its architecture)."""
+    recipe = recipe_class(cfg.recipe)
+    cfg = cfg.model_copy(deep=True)
+    if not cfg.run.name:
+        # A new id per submission; relaunching with the same name (run.name=...) resumes that run.
+        cfg.run.name = f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    if not cfg.run.storage_path:
+        cfg.run.storage_path = str(paths.runs_dir())
+    elif "://" not in cfg.run.storage_path:
+        cfg.run.storage_path = str(Path(cfg.run.storage_path).expanduser().resolve())
+    if not cfg.run.cache_dir:
+        cfg.run.cache_dir = str(paths.cache_dir())
+    if cfg.mlflow.enabled and not cfg.mlflow.tracking_uri:
+        local = cfg.run.storage_path if "://" not in cfg.run.storage_path else str(paths.HOME)
+        cfg.mlflow.tracking_uri = f"sqlite:///{Path(local).parent / 'mlflow.db'}"
+    if not cfg.mlflow.experiment:
+        cfg.mlflow.experiment = cfg.name
+    if not cfg.data.url:
+        from dataloaders.prepare import ensure_digits
+
+        cfg.data.url = ensure_digits(paths.demo_dataset_dir())
+    local_runs = cfg.run.storage_path if "://" not in cfg.run.storage_path else str(paths.runs_dir())
+    return recipe.resolve_config(cfg, local_runs)
+
+
+def storage(cfg: JobConfig):
+    """(storage_path, storage_filesystem) for Ray's RunConfig. s3:// with a custom endpoint (an S3-compatible
+    store) goes through s3fs wrapped as a pyarrow filesystem, with a bucket-relative path: s3fs follows the
+    standard AWS settings (credentials chain, checksum modes) that such stores need."""
+    path = cfg.run.storage_path
+    endpoint = cfg.run.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+    if path.startswith("s3://") and endpoint:
+        import s3fs
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        return path[len("s3://"):], PyFileSystem(FSSpecHandler(s3fs.S3FileSystem(endpoint_url=endpoint)))
+    return path, None
+
+
+def preflight(cfg: JobConfig) -> None:
+    """Fail before any worker starts: the dataset's manifest must open and match the model, the storage
+    path must be writable."""
+    from dataloaders.dataset import check_shapes, open_dataset
+
+    ds = open_dataset(cfg.data.url, dict(cfg.data.storage_options), cfg.data.retries, cfg.data.timeout_s)
+    check_shapes(ds.manifest, cfg.data)
+    probe = f".flowscale-write-probe-{uuid.uuid4().hex}"
+    path, fs = storage(cfg)
+    try:
+        if fs is not None:
+            fs.create_dir(path, recursive=True)
+            with fs.open_output_stream(f"{path}/{probe}") as f:
+                f.write(b"ok")
+            fs.delete_file(f"{path}/{probe}")
+        elif "://" in path:
+            import fsspec
+
+            fsys, p = fsspec.core.url_to_fs(path)
+            fsys.pipe(f"{p}/{probe}", b"ok")
+            fsys.rm(f"{p}/{probe}")
+        else:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            (Path(path) / probe).write_text("ok")
+            (Path(path) / probe).unlink()
+    except Exception as e:
+        raise ConfigError(f"run.storage_path={cfg.run.storage_path} is not writable: {e}") from None
+
+
+def prepare(cfg: JobConfig) -> JobConfig:
+    """``resolve`` then ``preflight``: the config a job runs with, or an error before anything started."""
+    cfg = resolve(cfg)
+    preflight(cfg)
+    return cfg
+
+
+# Errors that mean bad input (config, data, storage, checkpoint), reported without a traceback.
+INPUT_ERRORS = (ConfigError, DataError, ValueError, OSError, checkpoint.CheckpointError)
+
+
+# --------------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------------
+
+
+def connect_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        # A local cluster binds to loopback only; a given address (or `ray job submit`) joins that cluster.
+        ray.init(address=address, **({} if address else {"_node_ip_address": "127.0.0.1"}),
+                 log_to_driver=True, configure_logging=False)
+
+
+def launch(cfg: JobConfig, mlflow_run_id: str | None):
+    """Run the job on the connected Ray cluster; returns Ray Train's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestration.worker import train_worker
+
+    scaling_config = ScalingConfig(
+        num_workers=cfg.cluster.num_workers, use_gpu=cfg.cluster.use_gpu,
+        resources_per_worker={"CPU": cfg.cluster.cpus_per_worker, **({"GPU": 1} if cfg.cluster.use_gpu else {})},
+    )
+    path, fs = storage(cfg)
+    run_config = RunConfig(
+        name=cfg.run.name, storage_path=path, storage_filesystem=fs,
+        failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+        logging_config=LoggingConfig(log_level="WARNING"),
+    )
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id},
+        scaling_config=scaling_config,
+        run_config=run_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
+    )
+    return trainer.fit()
+
+
+def open_tracking(cfg: JobConfig) -> str | None:
+    """The MLflow run of this job (created, or found again for a relaunch), or None without tracking."""
+    if not cfg.mlflow.enabled:
+        return None
+    from orchestration.tracking import open_run
+
+    try:
+        return open_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.run.name, flat_params(cfg),
+                        dump_config(cfg))
+    except Exception as e:  # tracking must never stop a job
+        print(f"warning: MLflow at {cfg.mlflow.tracking_uri} is unavailable ({e}); training without it",
+              file=sys.stderr)
+        return None
+
+
+def final_grids(cfg: JobConfig, checkpoint_path: str, run_dir: str) -> list[str]:
+    """One PNG per entry of the recipe's ``sample_grids``, sampled from the final checkpoint's EMA weights."""
+    from orchestration.images import make_grid, save_png
+    from orchestration.sample import sample_checkpoint
+
+    if not cfg.sample.prompts:
+        return []
+    uri = checkpoint_path
+    if cfg.run.storage_path.startswith("s3://") and "://" not in uri:
+        uri = "s3://" + uri
+    out_dir = Path(run_dir) if "://" not in run_dir else paths.grids_dir(cfg.run.name)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, sampler in recipe_class(cfg.recipe).sample_grids.items():
+        images, _ = sample_checkpoint(uri, cfg.sample.prompts, cfg.sample.num_per_prompt, cfg.train.seed,
+                                      cfg_scale=cfg.sample.cfg, device="cpu", **sampler)
+        out = out_dir / f"{name}.png"
+        save_png(make_grid(images, nrow=cfg.sample.num_per_prompt, scale=max(1, 64 // images.shape[-1])), out)
+        written.append(str(out))
+    return written
+
+
+def run(cfg: JobConfig) -> JobResult:
+    """Run a prepared job (``prepare``): open its MLflow run, fit on Ray, write and log the final grids."""
+    run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
+    print(f"run {cfg.run.name}: {cfg.recipe}, {cfg.cluster.num_workers} {'GPU' if cfg.cluster.use_gpu else 'CPU'} "
+          f"workers, {cfg.train.steps} steps, data {cfg.data.url}, storage {run_dir}", flush=True)
+    run_id = open_tracking(cfg)
+    connect_ray()
+    fitted = launch(cfg, run_id)
+    result = JobResult(cfg, run_dir, mlflow_run_id=run_id, metrics=dict(fitted.metrics or {}), error=fitted.error,
+                       checkpoint=fitted.checkpoint.path if fitted.checkpoint else None)
+    if result.error is None and result.checkpoint:
+        result.grids = final_grids(cfg, result.checkpoint, run_dir)
+        if result.grids and run_id:
+            from orchestration.tracking import Tracker
+
+            tracker = Tracker(cfg.mlflow.tracking_uri, run_id, system_metrics=False)
+            for grid in result.grids:
+                tracker.log_artifact(grid)
+            tracker.close()
+    return result
+
+
+def summary(result: JobResult) -> str:
+    """Where everything is, for the closing lines of the job."""
+    cfg = result.cfg
+    lines = [f"run          {result.run_dir}", f"checkpoint   {result.checkpoint or '-'}"]
+    lines += [f"sample grid  {grid}" for grid in result.grids]
+    if result.mlflow_run_id:
+        lines.append(f"MLflow       {cfg.mlflow.tracking_uri} (experiment {cfg.mlflow.experiment}, "
+                     f"run {result.mlflow_run_id})")
+        lines.append(f"open it with: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}")
+    return "\n".join(lines)
