@@ -13,7 +13,6 @@ least 80% accuracy.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -21,66 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def train_classifier(seed: int = 0):
-    """(classifier, held-out accuracy) on real digits as images in [0, 1]."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from sklearn.neural_network import MLPClassifier
-
-    digits = load_digits()
-    x = digits.images.reshape(len(digits.images), -1) / 16.0
-    x_tr, x_te, y_tr, y_te = train_test_split(x, digits.target, test_size=0.25, random_state=seed)
-    clf = MLPClassifier(hidden_layer_sizes=(128,), max_iter=600, random_state=seed).fit(x_tr, y_tr)
-    clf.held_out_accuracy = float(clf.score(x_te, y_te))
-    clf.fit(x, digits.target)  # the final classifier sees every real digit
-    return clf, clf.held_out_accuracy
-
-
-def hidden_features(clf, x: np.ndarray) -> np.ndarray:
-    """The MLP's ReLU hidden layer: a feature space trained to separate digits."""
-    return np.maximum(0, x @ clf.coefs_[0] + clf.intercepts_[0])
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between two feature sets."""
-    from scipy import linalg
-
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    # Features that never fire make the covariances singular; a tiny ridge keeps the square root defined.
-    ridge = 1e-6 * np.eye(a.shape[1])
-    s_a, s_b = np.cov(a, rowvar=False) + ridge, np.cov(b, rowvar=False) + ridge
-    covmean = np.real(linalg.sqrtm(s_a @ s_b))
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
-
-
-def prompted_labels(prompts) -> np.ndarray:
-    labels = []
-    for p in prompts:
-        found = re.findall(r"\d", str(p))
-        if len(found) != 1:
-            raise ValueError(f"prompt {p!r} does not name exactly one digit")
-        labels.append(int(found[0]))
-    return np.array(labels)
-
-
-def evaluate(images: np.ndarray, prompts, clf) -> dict:
-    """images: (N, 1, 8, 8) in [0, 1]; prompts: the caption of each image."""
-    from sklearn.datasets import load_digits
-
-    if images.ndim != 4 or images.shape[1:] != (1, 8, 8):
-        raise ValueError(f"expected digit images of shape (N, 1, 8, 8), got {images.shape}")
-    x = images.reshape(len(images), -1).astype(np.float64)
-    want = prompted_labels(prompts)
-    got = clf.predict(x)
-    per_digit = {int(k): float((got[want == k] == k).mean()) for k in np.unique(want)}
-    real = load_digits().images.reshape(-1, 64) / 16.0
-    return {
-        "accuracy": float((got == want).mean()),
-        "per_digit": per_digit,
-        "frechet": frechet_distance(hidden_features(clf, x), hidden_features(clf, real)),
-        "n": len(x),
-    }
+from trainer.quality import evaluate, train_classifier  # noqa: E402
 
 
 def format_table(result: dict, label: str, classifier_accuracy: float) -> str:

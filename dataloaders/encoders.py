@@ -25,10 +25,11 @@ class SD3Encoder:
     name = "sd3"
 
     def __init__(self, *, vae=None, clips=(), t5=None, clip_paths=(), t5_path: str = "", t5_tokens: int = 77,
-                 clip_tokens: int = 77, device: str = "cpu"):
+                 clip_tokens: int = 77, device: str = "cpu", vae_path: str = ""):
         if not clips and t5 is None:
             raise ValueError("an SD3 encoder needs at least one CLIP or a T5 text encoder")
         self.vae = vae
+        self.vae_path = vae_path
         self.clips = list(clips)  # [(tokenizer, CLIPTextModelWithProjection)]
         self.t5 = t5  # (tokenizer, T5EncoderModel) or None
         self.clip_paths = list(clip_paths)
@@ -55,11 +56,18 @@ class SD3Encoder:
         t5_pair = ((AutoTokenizer.from_pretrained(t5, local_files_only=True),
                     frozen(T5EncoderModel.from_pretrained(t5, local_files_only=True))) if t5 else None)
         return cls(vae=vae_model, clips=clips, t5=t5_pair, clip_paths=[str(p) for p in clip], t5_path=str(t5),
-                   t5_tokens=t5_tokens, clip_tokens=clip_tokens, device=device)
+                   t5_tokens=t5_tokens, clip_tokens=clip_tokens, device=device, vae_path=str(vae))
 
     def describe(self) -> dict:
         return {"name": self.name, "settings": {"clip": self.clip_paths, "t5": self.t5_path,
                                                  "t5_tokens": self.t5_tokens, "clip_tokens": self.clip_tokens}}
+
+    def vae_record(self) -> dict:
+        """What a decoder needs to turn the dataset's latents back into images (``LatentDecoder``)."""
+        cfg = self.vae.config
+        return {"path": self.vae_path, "scaling_factor": float(cfg.scaling_factor),
+                "shift_factor": float(getattr(cfg, "shift_factor", None) or 0.0),
+                "dtype": str(next(self.vae.parameters()).dtype).removeprefix("torch.")}
 
     def _ids(self, tokenizer, captions: list[str], length: int) -> torch.Tensor:
         out = tokenizer(captions, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
@@ -94,6 +102,34 @@ class SD3Encoder:
         return ((mean - (getattr(cfg, "shift_factor", None) or 0.0)) * cfg.scaling_factor).float().cpu()
 
 
+class LatentDecoder:
+    """Latents of a dataset encoded by ``write_image_folder`` back to RGB images in [0, 1], through the VAE
+    its manifest records (``extra.vae``: the local folder, the scaling and shift, the precision it ran in).
+    The VAE is loaded on first use, once per decoder."""
+
+    def __init__(self, record: dict, device: str | torch.device = "cpu"):
+        self.record, self.device, self._vae = record, torch.device(device), None
+
+    def _load(self):
+        from diffusers import AutoencoderKL
+
+        path = self.record["path"]
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"the dataset's VAE folder {path} (manifest extra.vae.path) is not on this machine")
+        dtype = getattr(torch, self.record.get("dtype", "float32"))
+        vae = AutoencoderKL.from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+        return vae.eval().requires_grad_(False).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) latents -> (N, 3, H, W) float32 images in [0, 1], on the CPU."""
+        if self._vae is None:
+            self._vae = self._load()
+        dtype = next(self._vae.parameters()).dtype
+        z = latents.to(self.device, dtype) / self.record["scaling_factor"] + self.record.get("shift_factor", 0.0)
+        return ((self._vae.decode(z).sample.float().cpu() + 1) / 2).clamp(0, 1)
+
+
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """An image file as (3, R, R) in [-1, 1]: shorter side resized to R, then center-cropped."""
     from PIL import Image
@@ -122,7 +158,8 @@ def write_image_folder(images: str, out: str, encoder: SD3Encoder, *, resolution
         raise FileNotFoundError(f"images without a caption file (<name>.txt) in {images}: {missing[:5]}")
     empty_tokens, empty_pooled = encoder.encode([""])
     with DatasetWriter(out, shard_rows=shard_rows, storage_options=storage_options, text_encoder=encoder.describe(),
-                       progress=len(files), extra={"source": str(images), "resolution": resolution}) as w:
+                       progress=len(files), extra={"source": str(images), "resolution": resolution,
+                                                   "vae": encoder.vae_record()}) as w:
         w.set_empty_condition(empty_tokens[0].to(torch.bfloat16), empty_pooled[0].to(torch.bfloat16))
         for first in range(0, len(files), batch):
             chunk = files[first:first + batch]

@@ -147,7 +147,10 @@ class TrainConfig(Section):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
     log_every: int = Field(10, ge=1, description="steps between metric reports")
-    eval_every: int = Field(500, ge=0, description="steps between validation/sample grids; 0 = end only")
+    eval_every: int = Field(500, ge=0, description="steps between sample grids (and validation); 0 = end only")
+    val_every: int = Field(
+        0, ge=0, description="steps between validation losses alone (cheap: no sampling); 0 = at eval_every only"
+    )
     val_batches: int = Field(2, ge=0, description="batches of the fixed validation set")
     val_timesteps: list[float] = Field(
         [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875],
@@ -170,6 +173,33 @@ class TrainConfig(Section):
         return self
 
 
+class TuneConfig(Section):
+    """A Ray Tune sweep over this job (orchestration/tune.py): each trial runs the job with sampled values.
+
+    ``space`` maps a dotted config key to a distribution, ``{choice: [...]}``, ``{grid: [...]}``,
+    ``{uniform: [lo, hi]}`` or ``{loguniform: [lo, hi]}``. An entry whose options are mappings (under any
+    label, e.g. ``sampler``) picks a whole set of overrides per trial, and those may nest distributions
+    (``search: optuna`` samples them conditionally)."""
+
+    metric: str = Field("val/loss", description="the reported metric trials are ranked by (quality/NAME, val/loss)")
+    mode: Literal["min", "max"] = Field("min", description="whether lower or higher metric is better")
+    space: dict[str, dict[str, Any]] = Field(default_factory=dict, description="dotted key -> distribution")
+    search: Literal["grid", "random", "optuna"] = Field(
+        "grid", description="grid: every combination of grid entries; random; optuna: TPE (conditional spaces)"
+    )
+    points_to_evaluate: list[dict[str, Any]] = Field(
+        default_factory=list, description="known configurations tried first (optuna), as dotted-key mappings"
+    )
+    num_samples: int = Field(1, ge=1, description="trials (grid: repeats of the whole grid)")
+    scheduler: Literal["asha", "none"] = Field("asha", description="ASHA stops weak trials early; none = run all out")
+    grace_period: int = Field(0, ge=0, description="steps before ASHA may stop a trial; 0 = train.eval_every")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: 1/reduction_factor of trials go on at each rung")
+    max_concurrent_trials: int = Field(
+        0, ge=0, description="trials at once; 0 = what the cluster's CPUs/GPUs fit of one trial's workers"
+    )
+    seed: int = Field(0, description="seed of the search algorithm")
+
+
 class SampleConfig(Section):
     """Euler sampling for evaluation grids."""
 
@@ -178,6 +208,10 @@ class SampleConfig(Section):
     shift: float = Field(1.0, gt=0, description="sigma-grid shift (SD3 uses 3.0 at 1024^2)")
     prompts: list[str] = Field(default_factory=list, description="captions of the evaluation grid")
     num_per_prompt: int = Field(4, ge=1, description="samples per prompt in the grid")
+    quality: Literal["", "digits"] = Field(
+        "", description="score each evaluation grid (quality/NAME metrics): digits = Frechet distance to the real "
+        "digits in a small classifier's features (the demo); empty = none"
+    )
 
 
 class CheckpointConfig(Section):
@@ -290,6 +324,7 @@ class JobConfig(Section):
     run: RunStorageConfig = Field(default_factory=RunStorageConfig)
     mlflow: TrackingConfig = Field(default_factory=TrackingConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
 
     @model_validator(mode="after")
     def _grid_fits(self) -> "JobConfig":
@@ -466,15 +501,30 @@ def is_secret(key: str) -> bool:
     return bool(SECRET_NAME.search(key.rsplit(".", 1)[-1].lower()))
 
 
+# The user-info part of a URL: scheme://user:password@host or scheme://token@host.
+URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the user-info of every URL in it (``user:password@``) replaced by ``***@``: what is
+    recorded or printed never carries a password, while the running job keeps using the real value."""
+    return URL_USERINFO.sub(r"\g<scheme>***@", text)
+
+
 def _public(node: Any) -> Any:
     if isinstance(node, dict):
         return {k: _public(v) for k, v in node.items() if not is_secret(str(k))}
+    if isinstance(node, list):
+        return [_public(v) for v in node]
+    if isinstance(node, str):
+        return redact_url(node)
     return node
 
 
 def dump_config(cfg: BaseModel) -> str:
-    """The fully resolved config as YAML (what is saved with every run), without credentials: those come
-    from the environment (AWS variables, profiles) wherever the run is resumed or sampled."""
+    """The fully resolved config as YAML (what is saved with every run), without credentials (secret keys
+    dropped, passwords in URLs redacted): those come from the environment (AWS variables, profiles,
+    MLFLOW_TRACKING_PASSWORD) wherever the run is resumed or sampled."""
     return yaml.safe_dump(_public(cfg.model_dump(mode="json")), sort_keys=False)
 
 

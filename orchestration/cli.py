@@ -10,15 +10,19 @@ is. Exit codes: 0 done, 1 the job failed, 2 bad input (the message names the key
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from infra.config import ConfigError, dump_config, load_config
+from infra.config import ConfigError, dump_config, load_config, redact_url
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main(argv: list[str] | None, *, doc: str, recipe: str, preset: str,
+def main(argv: list[str] | None, *, doc: str, script: str, recipe: str, preset: str,
          flags: dict[str, tuple[str, str]] | None = None) -> int:
-    """Run the entry script whose module docstring is ``doc``, for configs of ``recipe`` (default config
-    ``preset``). ``flags`` adds options that set a config key: ``{"--teacher": ("distill.teacher", help)}``."""
+    """Run the entry script ``script`` (its path) whose module docstring is ``doc``, for configs of ``recipe``
+    (default config ``preset``). ``flags`` adds options that set a config key:
+    ``{"--teacher": ("distill.teacher", help)}``."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--config", default=preset, help="preset name (configs/NAME.yaml) or YAML path")
     parser.add_argument("--dump-config", action="store_true", help="print the resolved config and exit")
@@ -40,11 +44,18 @@ def main(argv: list[str] | None, *, doc: str, recipe: str, preset: str,
             raise ConfigError(f"{args.config} is a recipe={cfg.recipe} job; this script runs recipe={recipe} jobs")
         cfg = driver.prepare(cfg)
     except driver.INPUT_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {redact_url(str(e))}", file=sys.stderr)
         return 2
-    result = driver.run(cfg)
+    source = os.path.relpath(script, REPO) if script.startswith(REPO) else script
+    try:
+        result = driver.run(cfg, source)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run {cfg.run.name} is recorded as KILLED; resume it from its last checkpoint with\n"
+              f"  python {source} --config {args.config} run.name={cfg.run.name} {' '.join(args.overrides)}",
+              file=sys.stderr)
+        return 130
     if result.error is not None:
-        print(f"error: run {cfg.run.name} failed: {result.error}", file=sys.stderr)
+        print(f"error: run {cfg.run.name} failed: {redact_url(str(result.error))}", file=sys.stderr)
         return 1
     print("\n" + driver.summary(result))
     return 0

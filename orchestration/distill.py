@@ -21,7 +21,8 @@ TEACHER = ("distill.teacher", "pretraining checkpoint: a directory or URL; defau
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, doc=__doc__, recipe="scd", preset="distill-demo", flags={"--teacher": TEACHER})
+    return cli.main(argv, doc=__doc__, script=__file__, recipe="scd", preset="distill-demo",
+                    flags={"--teacher": TEACHER})
 
 
 if __name__ == "__main__":

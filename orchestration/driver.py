@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import sys
+import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataloaders.errors import DataError
-from infra.config import ConfigError, JobConfig, dump_config, flat_params
+from infra.config import ConfigError, JobConfig, dump_config, flat_params, redact_url
 from orchestration import paths
 from trainer import checkpoint
 from trainer.recipes import recipe_class
@@ -109,7 +112,8 @@ def preflight(cfg: JobConfig) -> None:
             (Path(path) / probe).write_text("ok")
             (Path(path) / probe).unlink()
     except Exception as e:
-        raise ConfigError(f"run.storage_path={cfg.run.storage_path} is not writable: {e}") from None
+        raise ConfigError(f"run.storage_path={redact_url(cfg.run.storage_path)} is not writable: "
+                          f"{redact_url(str(e))}") from None
 
 
 def prepare(cfg: JobConfig) -> JobConfig:
@@ -138,8 +142,19 @@ def connect_ray() -> None:
                  log_to_driver=True, configure_logging=False)
 
 
-def launch(cfg: JobConfig, mlflow_run_id: str | None):
-    """Run the job on the connected Ray cluster; returns Ray Train's Result."""
+def stop_on_sigterm() -> None:
+    """``ray job stop`` sends SIGTERM to the entrypoint: handle it as Ctrl-C, so the run is recorded as KILLED
+    before the process goes. Installed after ``ray.init``, whose own handler would abort the process."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def launch(cfg: JobConfig, mlflow_run_id: str | None, callbacks: list | None = None):
+    """Run the job on the connected Ray cluster; returns Ray Train's Result. ``callbacks`` are Ray Train
+    callbacks (a sweep's trial forwards its reports to Tune through one)."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -155,6 +170,7 @@ def launch(cfg: JobConfig, mlflow_run_id: str | None):
         failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
         logging_config=LoggingConfig(log_level="WARNING"),
+        callbacks=callbacks or [],
     )
     trainer = TorchTrainer(
         train_worker,
@@ -166,18 +182,21 @@ def launch(cfg: JobConfig, mlflow_run_id: str | None):
     return trainer.fit()
 
 
-def open_tracking(cfg: JobConfig) -> str | None:
-    """The MLflow run of this job (created, or found again for a relaunch), or None without tracking."""
+def open_tracking(cfg: JobConfig, source: str, tags: dict[str, str] | None = None) -> str | None:
+    """The MLflow run of this job (created, or found and reopened for a relaunch), or None without tracking.
+    ``tags`` are added to the run's own (a sweep's trial names its parent run)."""
     if not cfg.mlflow.enabled:
         return None
-    from orchestration.tracking import open_run
+    from orchestration.tracking import open_run, source_tags
 
+    tags = {**source_tags(source), "flowscale.recipe": cfg.recipe, "flowscale.dataset": redact_url(cfg.data.url),
+            **(tags or {})}
     try:
         return open_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.run.name, flat_params(cfg),
-                        dump_config(cfg))
+                        dump_config(cfg), tags)
     except Exception as e:  # tracking must never stop a job
-        print(f"warning: MLflow at {cfg.mlflow.tracking_uri} is unavailable ({e}); training without it",
-              file=sys.stderr)
+        print(f"warning: MLflow at {redact_url(cfg.mlflow.tracking_uri)} is unavailable "
+              f"({redact_url(str(e))}); training without it", file=sys.stderr)
         return None
 
 
@@ -203,35 +222,60 @@ def final_grids(cfg: JobConfig, checkpoint_path: str, run_dir: str) -> list[str]
     return written
 
 
-def run(cfg: JobConfig) -> JobResult:
-    """Run a prepared job (``prepare``): open its MLflow run, fit on Ray, write and log the final grids."""
+def run(cfg: JobConfig, source: str = "", callbacks: list | None = None, tags: dict[str, str] | None = None,
+        ) -> JobResult:
+    """Run a prepared job (``prepare``): open its MLflow run, fit on Ray, write and log the final grids, and
+    end the MLflow run with the job's outcome: FINISHED, FAILED (the error recorded) or KILLED (interrupted:
+    Ctrl-C, ``ray job stop``). ``source`` names the entry script for the run's metadata; ``callbacks`` (Ray
+    Train) and ``tags`` (MLflow) are what a sweep's trial adds."""
+    from orchestration.tracking import end_run
+
     run_dir = f"{cfg.run.storage_path.rstrip('/')}/{cfg.run.name}"
     print(f"run {cfg.run.name}: {cfg.recipe}, {cfg.cluster.num_workers} {'GPU' if cfg.cluster.use_gpu else 'CPU'} "
-          f"workers, {cfg.train.steps} steps, data {cfg.data.url}, storage {run_dir}", flush=True)
-    run_id = open_tracking(cfg)
-    connect_ray()
-    fitted = launch(cfg, run_id)
-    result = JobResult(cfg, run_dir, mlflow_run_id=run_id, metrics=dict(fitted.metrics or {}), error=fitted.error,
-                       checkpoint=fitted.checkpoint.path if fitted.checkpoint else None)
-    if result.error is None and result.checkpoint:
-        result.grids = final_grids(cfg, result.checkpoint, run_dir)
-        if result.grids and run_id:
-            from orchestration.tracking import Tracker
+          f"workers, {cfg.train.steps} steps, data {redact_url(cfg.data.url)}, storage {redact_url(run_dir)}",
+          flush=True)
+    run_id = open_tracking(cfg, source or Path(sys.argv[0]).name, tags)
+    result = JobResult(cfg, run_dir, mlflow_run_id=run_id)
+    try:
+        connect_ray()
+        stop_on_sigterm()
+        fitted = launch(cfg, run_id, callbacks)
+        result.metrics, result.error = dict(fitted.metrics or {}), fitted.error
+        result.checkpoint = fitted.checkpoint.path if fitted.checkpoint else None
+        if result.error is None and result.checkpoint:
+            result.grids = final_grids(cfg, result.checkpoint, run_dir)
+            if result.grids and run_id:
+                from orchestration.tracking import Tracker
 
-            tracker = Tracker(cfg.mlflow.tracking_uri, run_id, system_metrics=False)
-            for grid in result.grids:
-                tracker.log_artifact(grid)
-            tracker.close()
+                tracker = Tracker(cfg.mlflow.tracking_uri, run_id, system_metrics=False)
+                for grid in result.grids:
+                    tracker.log_artifact(grid)
+                tracker.close()
+    except KeyboardInterrupt:
+        if run_id:
+            end_run(cfg.mlflow.tracking_uri, run_id, "KILLED", "interrupted (Ctrl-C or ray job stop)")
+        raise
+    except Exception as e:  # Ray Train raises TrainingFailedError once the workers' retries are spent
+        from ray.train import TrainingFailedError
+
+        if not isinstance(e, TrainingFailedError):  # not the workers' error, already shown: ours
+            traceback.print_exc()
+        result.error = e
+    if run_id:
+        failed = result.error is not None
+        end_run(cfg.mlflow.tracking_uri, run_id, "FAILED" if failed else "FINISHED",
+                f"{type(result.error).__name__}: {result.error}" if failed else None)
     return result
 
 
 def summary(result: JobResult) -> str:
     """Where everything is, for the closing lines of the job."""
     cfg = result.cfg
-    lines = [f"run          {result.run_dir}", f"checkpoint   {result.checkpoint or '-'}"]
+    lines = [f"run          {redact_url(result.run_dir)}", f"checkpoint   {redact_url(result.checkpoint or '-')}"]
     lines += [f"sample grid  {grid}" for grid in result.grids]
     if result.mlflow_run_id:
-        lines.append(f"MLflow       {cfg.mlflow.tracking_uri} (experiment {cfg.mlflow.experiment}, "
-                     f"run {result.mlflow_run_id})")
-        lines.append(f"open it with: mlflow ui --backend-store-uri {cfg.mlflow.tracking_uri}")
+        uri = redact_url(cfg.mlflow.tracking_uri)
+        lines.append(f"MLflow       {uri} (experiment {cfg.mlflow.experiment}, run {result.mlflow_run_id})")
+        lines.append(f"open it with: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:")
+                     else f"open it at: {uri}")
     return "\n".join(lines)

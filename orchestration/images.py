@@ -21,6 +21,20 @@ def latents_to_images(latents: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo).clamp_min(1e-6)
 
 
+def image_decoder(url: str, storage_options: dict | None = None, device: str | torch.device = "cpu"):
+    """Latents of the dataset at ``url`` -> images in [0, 1]: through the dataset's VAE when its manifest
+    records one (the ``encode`` path; loaded on first use, on ``device``, in the recorded precision),
+    otherwise ``latents_to_images`` (pixel-space data such as the digits demo, or latents without a VAE)."""
+    from dataloaders.dataset import open_dataset
+
+    record = open_dataset(url, storage_options).manifest.extra.get("vae")
+    if not record:
+        return latents_to_images
+    from dataloaders.encoders import LatentDecoder
+
+    return LatentDecoder(record, device)
+
+
 def make_grid(images: torch.Tensor, nrow: int, scale: int = 1, pad: int = 1) -> np.ndarray:
     """(N, C, H, W) in [0, 1] -> one uint8 (rows*H, nrow*W, 3) grid, each tile upscaled ``scale`` times."""
     x = images.float().clamp(0, 1)

@@ -19,7 +19,7 @@ from orchestration import cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(argv, doc=__doc__, recipe="rectified_flow", preset="demo")
+    return cli.main(argv, doc=__doc__, script=__file__, recipe="rectified_flow", preset="demo")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def sample_checkpoint(
     fetched once into FLOWSCALE_HOME/cache."""
     from dataloaders.dataset import open_dataset
     from dataloaders.text_encoders import load_text_encoder
-    from orchestration.images import latents_to_images
+    from orchestration.images import image_decoder
     from trainer.recipes import build_recipe
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -59,7 +59,7 @@ def sample_checkpoint(
         model, torch.as_tensor(tokens).float().to(dev), torch.as_tensor(pooled).float().to(dev), gen,
         steps=steps, cfg_scale=cfg_scale,
     )
-    return latents_to_images(latents), expanded
+    return image_decoder(cfg.data.url, opts, dev)(latents), expanded
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,10 @@
 """MLflow tracking that never blocks or kills training.
 
-The driver opens (or, for a retried or relaunched run, finds) the MLflow run keyed by the Ray run name and
-logs the resolved config. Inside the job only world rank 0 logs, through a background thread: a slow or
-unreachable tracking server costs the training loop nothing, and every failed call is counted and
-reported instead of raised.
+The driver opens (or, for a retried or relaunched run, finds and reopens) the MLflow run keyed by the Ray
+run name, logs the resolved config and, when the job's outcome is known, ends the run FINISHED, FAILED or
+KILLED. Inside the job only world rank 0 logs, through a background thread: a slow or unreachable
+tracking server costs the training loop nothing, and every failed call is counted and reported instead of
+raised. A worker failure that Ray retries leaves the run RUNNING: only the driver ends it.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import os
 import queue
 import threading
 from pathlib import Path
+
 import numpy as np
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG = "flowscale.run_name"
+
+
 def artifact_root(tracking_uri: str) -> str | None:
     """Artifacts of a local SQLite store live beside the database file. MLflow's default is ``./mlruns``
     relative to wherever the command ran, which scatters a run's images across working directories."""
@@ -26,24 +30,83 @@ def artifact_root(tracking_uri: str) -> str | None:
     return (Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
 
 
-def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str], config_yaml: str) -> str:
-    """The id of the MLflow run named ``run_name`` in ``experiment``, created if new. Driver side."""
+# MLflow 3's UI picks an experiment's view from this tag; without it a new experiment opens in the GenAI view
+# (traces, evaluation runs) instead of the model-training one.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
+def experiment_id(client, experiment: str, tracking_uri: str) -> str:
+    """The experiment's id, created (as a model-training experiment) if new."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return client.create_experiment(experiment, artifact_location=artifact_root(tracking_uri),
+                                        tags=dict([EXPERIMENT_KIND]))
+    if EXPERIMENT_KIND[0] not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
+def source_tags(source: str) -> dict[str, str]:
+    """Who ran what: the entry script, the user and, in a git checkout, the commit."""
+    import getpass
+    import subprocess
+
+    tags = {"mlflow.source.name": source, "mlflow.source.type": "LOCAL", "mlflow.user": getpass.getuser()}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return tags
+    if commit.returncode == 0:
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    return tags
+
+
+def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str], config_yaml: str,
+             tags: dict[str, str] | None = None) -> str:
+    """The id of the MLflow run named ``run_name`` in ``experiment``, RUNNING: created if new, reopened if a
+    relaunch of the same run name finds it ended. Driver side."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifact_root(tracking_uri))
+    exp_id = experiment_id(client, experiment, tracking_uri)
     found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
     if found:
-        return found[0].info.run_id
-    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+        run_id = found[0].info.run_id
+        if found[0].info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        for key, value in (tags or {}).items():
+            client.set_tag(run_id, key, value)
+        return run_id
+    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, **(tags or {})})
     items = list(params.items())
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v[:6000]) for k, v in items[i : i + 100]])
     client.log_text(run.info.run_id, config_yaml, "config.yaml")
     return run.info.run_id
+
+
+def end_run(tracking_uri: str, run_id: str, status: str, error: str | None = None) -> None:
+    """End the run as FINISHED, FAILED or KILLED, with the error (redacted of URL passwords) as a tag and a
+    note. Driver side; a tracking failure is reported, never raised."""
+    from mlflow.tracking import MlflowClient
+
+    from infra.config import redact_url
+
+    # MLflow prints "View run at URI" on ending a run with the URI as given, password included; the job's
+    # closing summary says where the run is, redacted.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    client = MlflowClient(tracking_uri)
+    try:
+        if error:
+            error = redact_url(error)
+            client.set_tag(run_id, "error", error[:5000])
+            client.set_tag(run_id, "mlflow.note.content", f"**{status}**\n\n```\n{error[:20000]}\n```")
+        client.set_terminated(run_id, status=status)
+    except Exception as e:  # tracking must never turn a finished job into a failed one
+        log.warning("could not end MLflow run %s as %s: %s", run_id, status, redact_url(str(e)))
 
 
 class Tracker:
@@ -82,6 +145,9 @@ class Tracker:
 
     def log_artifact(self, path: str) -> None:
         self._submit(self._log_artifact, path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._submit(self._log_text, text, artifact_file)
 
     def close(self, timeout: float = 30.0) -> int:
         """Flush (bounded by ``timeout``) and stop; returns how many calls failed or were dropped."""
@@ -144,6 +210,9 @@ class Tracker:
 
     def _log_artifact(self, path: str) -> None:
         self._client().log_artifact(self.run_id, path)
+
+    def _log_text(self, text: str, artifact_file: str) -> None:
+        self._client().log_text(self.run_id, text, artifact_file)
 
     def _set_tag(self, key: str, value: str) -> None:
         self._client().set_tag(self.run_id, key, value)

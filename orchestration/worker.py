@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from infra.config import JobConfig, build_config, dump_config
+from infra.config import JobConfig, build_config, dump_config, redact_url
 from trainer import checkpoint
 from trainer.loop import TrainHooks
 
@@ -41,6 +41,7 @@ class RayHooks(TrainHooks):
         self.cfg, self.loader, self.tracker, self.rank = cfg, loader, tracker, rank
         self.config_yaml = dump_config(cfg)
         self.last: dict[str, float] = {}
+        self.checkpoints: list[str] = []  # "step<TAB>uri" of the checkpoints this launch wrote
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
         import ray.train
@@ -56,16 +57,36 @@ class RayHooks(TrainHooks):
                 self.tracker.log_metrics(metrics, step)
 
     def on_eval(self, step: int, metrics: dict[str, float], images) -> None:
+        """Every rank reports each evaluation to Ray Train (a sweep ranks trials by it; Train forwards a
+        report only once every rank has made it); rank 0 adds the grids' quality, prints and tracks."""
+        import ray.train
+
+        metrics = {**metrics, **self.quality(images or {})}
+        ray.train.report({"step": step, "timesteps_total": step, **metrics})
         if self.rank != 0:
             return
-        if metrics:
+        if "val/loss" in metrics:
             say(f"step {step} | validation loss {metrics['val/loss']:.4f}")
         if self.tracker:
             self.tracker.log_metrics(metrics, step)
             from orchestration.images import make_grid
 
             for name, grid in (images or {}).items():
-                self.tracker.log_image(make_grid(grid, nrow=self.cfg.sample.num_per_prompt, scale=4), name, step)
+                tile = max(1, 64 // grid.shape[-1])  # small images upscaled to be seen; decoded ones as they are
+                self.tracker.log_image(make_grid(grid, nrow=self.cfg.sample.num_per_prompt, scale=tile), name, step)
+
+    def quality(self, images: dict) -> dict[str, float]:
+        """``quality/NAME`` (Frechet distance) and ``quality/NAME_accuracy`` of each grid (``sample.quality``)."""
+        if self.cfg.sample.quality != "digits" or not images:
+            return {}
+        from trainer.quality import score_digits
+
+        prompts = [p for p in self.cfg.sample.prompts for _ in range(self.cfg.sample.num_per_prompt)]
+        out = {}
+        for name, grid in images.items():
+            scores = score_digits(grid.float().cpu().numpy(), prompts)
+            out[f"quality/{name}"], out[f"quality/{name}_accuracy"] = scores["frechet"], scores["accuracy"]
+        return out
 
     def should_checkpoint(self, step: int, final: bool) -> bool:
         every = self.cfg.checkpoint.every
@@ -82,9 +103,11 @@ class RayHooks(TrainHooks):
             ray.train.report({"step": step, **self.last}, checkpoint=Checkpoint.from_directory(str(local)),
                              checkpoint_dir_name=name)
             if self.rank == 0 and self.tracker:
-                uri = f"{self.cfg.run.storage_path.rstrip('/')}/{self.cfg.run.name}/{name}"
+                uri = redact_url(f"{self.cfg.run.storage_path.rstrip('/')}/{self.cfg.run.name}/{name}")
+                self.checkpoints.append(f"{step}\t{uri}")
                 self.tracker.set_tag("checkpoint.latest", uri)
-                self.tracker.set_tag(f"checkpoint.step_{step:08d}", uri)
+                # One artifact lists them all (one tag per checkpoint would crowd the run's tags).
+                self.tracker.log_text("\n".join(["step\turi", *self.checkpoints]) + "\n", "checkpoints.tsv")
         finally:
             shutil.rmtree(local, ignore_errors=True)
 
@@ -116,7 +139,7 @@ def train_worker(loop_config: dict) -> None:
     import ray.train
 
     from dataloaders.dataset import build_loader, open_dataset
-    from orchestration.images import latents_to_images
+    from orchestration.images import image_decoder
     from orchestration.tracking import Tracker
     from trainer.loop import Trainer
     from trainer.recipes import build_recipe
@@ -149,7 +172,8 @@ def train_worker(loop_config: dict) -> None:
             if tracker:
                 tracker.set_tag("resumed_from_step", str(trainer.step))
     try:
-        trainer.fit(loader, val_batches, eval_condition(cfg, data.url), latents_to_images)
+        to_image = image_decoder(data.url, dict(data.storage_options), trainer.device)
+        trainer.fit(loader, val_batches, eval_condition(cfg, data.url), to_image)
     finally:
         if tracker:
             failures = tracker.close()

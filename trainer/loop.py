@@ -246,6 +246,8 @@ class Trainer:
                 timer.reset()
             if (cfg.eval_every and self.step % cfg.eval_every == 0) or final:
                 self.evaluate(val_batches, eval_condition, to_image)
+            elif cfg.val_every and self.step % cfg.val_every == 0:
+                self.hooks.on_eval(self.step, self.validate(val_batches), None)
             # Only a good step is checkpointed: a non-finite streak never overwrites the last good state.
             if self.nonfinite_run == 0 and self.hooks.should_checkpoint(self.step, final):
                 self.hooks.on_checkpoint(self.step, self)
@@ -279,17 +281,18 @@ class Trainer:
 
     def evaluate(self, val_batches, eval_condition, to_image) -> None:
         """Validation losses, then one grid per entry of the recipe's ``sample_grids`` plus its
-        ``reference_samples`` (say, the teacher's), all for the same prompts and seed."""
+        ``reference_samples`` (say, the teacher's), all for the same prompts and seed. Every rank samples
+        (the weights are sharded); rank 0 alone turns the samples into images (``to_image``, say a VAE)."""
         metrics = self.validate(val_batches)
         images = None
         if eval_condition is not None:
-            to_image = to_image or (lambda x: x)
             seed = self.cfg.train.seed
-            grids = self.recipe.sample_grids.items()
-            images = {name: to_image(self.sample_ema(*eval_condition, seed=seed, **kw)) for name, kw in grids}
+            samples = {name: self.sample_ema(*eval_condition, seed=seed, **kw)
+                       for name, kw in self.recipe.sample_grids.items()}
             context, pooled = (t.to(self.device) for t in eval_condition)
             with self.autocast():
-                reference = self.recipe.reference_samples(context, pooled, seed)
-            images.update({name: to_image(x) for name, x in reference.items()})
-        self.hooks.on_eval(self.step, metrics, images if self.rank == 0 else None)
+                samples.update(self.recipe.reference_samples(context, pooled, seed))
+            if self.rank == 0:
+                images = {name: (to_image or (lambda x: x))(x) for name, x in samples.items()}
+        self.hooks.on_eval(self.step, metrics, images)
 

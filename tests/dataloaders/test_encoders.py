@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,51 +12,16 @@ import torch
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
-WORDS = ["<pad>", "<eos>", "<unk>", "a", "red", "blue", "square", "circle", "on", "white"]
-
-
-def save_word_tokenizer(folder) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                            unk_token="<unk>").save_pretrained(folder)
-
+from tests.dataloaders.tiny_encoders import encode_dataset, write_image_folder, write_models  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    root = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    for name, width, proj in (("clip_l", 12, 6), ("clip_g", 20, 10)):
-        cfg = CLIPTextConfig(vocab_size=len(WORDS), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                             num_attention_heads=2, max_position_embeddings=77, projection_dim=proj,
-                             pad_token_id=0, eos_token_id=1, bos_token_id=1)
-        CLIPTextModelWithProjection(cfg).save_pretrained(root / name)
-        save_word_tokenizer(root / name)
-    T5EncoderModel(T5Config(vocab_size=len(WORDS), d_model=40, d_ff=48, num_layers=1, num_heads=2, d_kv=8,
-                            pad_token_id=0, eos_token_id=1)).save_pretrained(root / "t5")
-    save_word_tokenizer(root / "t5")
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
-                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                  norm_num_groups=4, sample_size=16, scaling_factor=1.5, shift_factor=0.1).save_pretrained(root / "vae")
-    return root
+    return write_models(tmp_path_factory.mktemp("models"))
 
 
 @pytest.fixture
 def image_folder(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    captions = ["a red square", "a blue circle on white", "a red circle"]
-    for i, caption in enumerate(captions):
-        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
-        (tmp_path / f"img{i}.txt").write_text(caption)
-    return tmp_path, captions
+    return tmp_path, write_image_folder(tmp_path)
 
 
 def test_text_layout_follows_sd3(model_dirs):
@@ -72,13 +38,8 @@ def test_text_layout_follows_sd3(model_dirs):
 
 def test_prepare_encode_writes_a_dataset_whose_encoder_can_be_rebuilt(model_dirs, image_folder, tmp_path):
     import dataloaders
-    from dataloaders.prepare import main
-
     images, captions = image_folder
-    out = tmp_path / "encoded"
-    main(["encode", "--out", str(out), "--images", str(images), "--vae", str(model_dirs / "vae"),
-          "--clip", str(model_dirs / "clip_l"), "--t5", str(model_dirs / "t5"), "--resolution", "16",
-          "--t5-tokens", "4"])
+    out = Path(encode_dataset(model_dirs, images, tmp_path / "encoded"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["text_encoder"]["name"] == "sd3"
     ds = dataloaders.open_dataset(str(out))
@@ -88,3 +49,27 @@ def test_prepare_encode_writes_a_dataset_whose_encoder_can_be_rebuilt(model_dirs
     tokens, pooled = dataloaders.load_text_encoder(str(out)).encode(captions)
     assert torch.equal(tokens.to(torch.bfloat16), batch["text_tokens"])
     assert torch.equal(pooled.to(torch.bfloat16), batch["text_pooled"])
+
+
+def test_the_recorded_vae_decodes_latents_to_rgb_images_of_the_dataset_resolution(model_dirs, image_folder, tmp_path):
+    import dataloaders
+    from dataloaders.encoders import LatentDecoder
+    from orchestration.images import image_decoder, make_grid
+
+    out = encode_dataset(model_dirs, image_folder[0], tmp_path / "encoded")
+    record = dataloaders.open_dataset(out).manifest.extra["vae"]
+    assert record == {"path": str(model_dirs / "vae"), "scaling_factor": 1.5, "shift_factor": 0.1, "dtype": "float32"}
+    decode = image_decoder(out)
+    assert isinstance(decode, LatentDecoder)
+    batch = next(iter(dataloaders.open_dataset(out).loader(rank=0, world_size=1, global_batch_size=3, seed=0)))
+    images = decode(batch["latent"])
+    assert images.shape == (3, 3, 16, 16) and images.dtype == torch.float32
+    assert 0 <= float(images.min()) and float(images.max()) <= 1 and float(images.std()) > 0
+    assert make_grid(images, nrow=3).shape == (1 + 17, 1 + 3 * 17, 3)  # one row of RGB tiles, 1 px apart
+
+
+def test_datasets_without_a_vae_keep_the_direct_rendering(tmp_path):
+    from dataloaders.prepare import write_digits
+    from orchestration.images import image_decoder, latents_to_images
+
+    assert image_decoder(write_digits(str(tmp_path / "digits"))) is latents_to_images

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from infra.config import ConfigError, JobConfig, dump_config, load_config
+from infra.config import ConfigError, JobConfig, dump_config, flat_params, load_config, redact_url
 
 PRESETS = ["demo", "mmdit-2b", "mmdit-8b"]
 
@@ -184,3 +184,33 @@ def test_dump_holds_every_key_resolved():
     assert "base" not in dumped
     assert dumped["model"]["depth"] == 38 and dumped["model"]["context_dim"] == 4096
     assert set(dumped) == set(JobConfig.model_fields)
+
+
+# --------------------------------------------------------------------------------------------------
+# Credentials: never in what is recorded
+# --------------------------------------------------------------------------------------------------
+
+# One password in each kind of URL the config holds.
+URL_OVERRIDES = {
+    "mlflow.tracking_uri": "http://alice:TRACKING-PW@mlflow.example:5000",
+    "run.s3_endpoint": "http://key:ENDPOINT-PW@s3.example:9000",
+    "run.storage_path": "s3://bob:STORAGE-PW@bucket/runs",
+    "data.url": "https://carol:DATA-PW@data.example/ds/manifest.json",
+    "data.storage_options.endpoint_url": "http://dave:OPTIONS-PW@s3.example:9000",
+}
+
+
+def test_a_password_in_any_url_is_redacted_from_dumps_and_params_but_kept_for_the_job():
+    cfg = load_config("demo", [f"{key}={value}" for key, value in URL_OVERRIDES.items()])
+    recorded = dump_config(cfg) + "\n".join(flat_params(cfg).values())
+    for password in ("TRACKING-PW", "ENDPOINT-PW", "STORAGE-PW", "DATA-PW", "OPTIONS-PW"):
+        assert password not in recorded, password
+    assert flat_params(cfg)["mlflow.tracking_uri"] == "http://***@mlflow.example:5000"
+    assert yaml.safe_load(dump_config(cfg))["data"]["storage_options"]["endpoint_url"] == "http://***@s3.example:9000"
+    assert cfg.mlflow.tracking_uri == URL_OVERRIDES["mlflow.tracking_uri"]  # the running job keeps it
+
+
+def test_urls_without_user_info_are_recorded_unchanged():
+    assert redact_url("s3://bucket/a@b/c") == "s3://bucket/a@b/c"
+    assert redact_url("file:///data/x@y") == "file:///data/x@y"
+    assert redact_url("see http://u:p@h/x and s3://k@b/y") == "see http://***@h/x and s3://***@b/y"

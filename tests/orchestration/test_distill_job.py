@@ -41,6 +41,8 @@ def student(teacher, workspace):
 
 def test_distillation_tracks_scd_metrics_and_grids(student, workspace):
     client, run = mlflow_run(workspace, "student", experiment="distill-demo")
+    assert run.info.status == "FINISHED" and run.data.tags["flowscale.recipe"] == "scd"
+    assert run.data.tags["mlflow.source.name"] == "orchestration/distill.py"
     metrics = run.data.metrics
     for key in ("loss", "tangent_warmup_r", "tangent_norm", "logvar_mean", "val/loss", "grad_norm"):
         assert key in metrics, key

@@ -33,7 +33,8 @@ def final_weights(ws, name: str, step: int = STEPS) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference_run(ray_cluster, workspace):
     """One uninterrupted run that the recovery tests compare against."""
-    assert pretrain.main(job_args(workspace, "reference")) == 0
+    # Validation every 10 steps and grids every 15 touch neither the weights nor the random streams.
+    assert pretrain.main(job_args(workspace, "reference", "train.val_every=10", "train.eval_every=15")) == 0
     return final_weights(workspace, "reference")
 
 
@@ -51,6 +52,25 @@ def test_job_trains_checkpoints_and_tracks_in_mlflow(reference_run, workspace):
     assert run.data.tags["checkpoint.latest"].endswith("reference/checkpoint_00000030")
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "config.yaml" in artifacts and "samples.png" in artifacts
+
+
+def test_a_finished_job_is_a_finished_model_training_run_with_its_source(reference_run, workspace):
+    client, run = mlflow_run(workspace, "reference")
+    assert run.info.status == "FINISHED" and run.info.end_time >= run.info.start_time
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the training view, not GenAI
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "orchestration/pretrain.py" and tags["mlflow.user"]
+    assert len(tags.get("mlflow.source.git.commit", "0" * 40)) == 40
+    assert tags["flowscale.recipe"] == "rectified_flow" and tags["flowscale.dataset"] == workspace["data"]
+    assert not [t for t in tags if t.startswith("checkpoint.step")]  # one tag for the latest, not one each
+    listed = client.download_artifacts(run.info.run_id, "checkpoints.tsv", str(workspace["root"]))
+    rows = [line.split("\t") for line in Path(listed).read_text().splitlines()[1:]]
+    assert [int(step) for step, _ in rows] == [10, 20, 30] and rows[-1][1] == tags["checkpoint.latest"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [10, 15, 20, 30]
+    grids = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    for step in (15, 30):  # the image view steps through training
+        assert any(f"samples+step+{step}+" in p for p in grids), grids
 
 
 def first_checkpoint_registered(run_dir: Path) -> bool:
