@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-diffusers = pytest.importorskip("diffusers")
+from tests.conftest import require
+
+require("transformers")
+require("diffusers")
 
 WORDS = ["<pad>", "<eos>", "<unk>", "a", "red", "blue", "square", "circle", "on", "white"]
 
