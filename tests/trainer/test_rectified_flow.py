@@ -12,6 +12,8 @@ from infra.config import load_config
 from trainer.recipes.rectified_flow import RectifiedFlowRecipe
 from trainer.rng import RankStreams
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 B, STEPS, L, C = 64, 40, 16, 64  # 2,560 draws per rate
 
 

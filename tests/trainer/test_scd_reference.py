@@ -19,6 +19,8 @@ import torch
 import kernels
 from tests.trainer.test_scd import EMPTY, _inputs, _perturb, _recipe_and_student, teacher, teacher_seed  # noqa: F401
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIGMA_D = 0.5  # SCD.md section 1 (the paper's value)
 NORM_EPS = 0.1  # g / (||g||_2 + 0.1), section 3
 WARMUP = 8
