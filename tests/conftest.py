@@ -1,5 +1,6 @@
-"""Session-wide test setup: Triton's interpreter on CPU-only machines, and the shared S3 fixtures: a real
-HTTP S3 endpoint (moto's server) on 127.0.0.1, reset between tests.
+"""Session-wide test setup: Triton's interpreter on CPU-only machines, ``require`` for the test extra's
+dependencies, and the shared S3 fixtures: a real HTTP S3 endpoint (moto's server) on 127.0.0.1, reset
+between tests.
 
 A real endpoint rather than in-process mocking, because s3fs/aiobotocore and pyarrow's C++ client bypass
 Python-level mocks, and because loader worker processes must reach it too (they inherit the env vars).
@@ -7,6 +8,7 @@ Python-level mocks, and because loader worker processes must reach it too (they 
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import sys
@@ -21,6 +23,22 @@ import torch
 # without CUDA every Triton kernel runs in the interpreter on CPU.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+
+def require(module: str, extra: str = "test"):
+    """Import a dependency of the ``extra`` install group, or fail the test module that needs it.
+
+    A missing test dependency must not turn into a silent skip: the tests it guards would never run, and the
+    suite would still look green.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        error = e
+    pytest.fail(f"{module} is not importable ({error}); the tests here need the '{extra}' extra: "
+                f"pip install -e '.[{extra}]'", pytrace=False)
+
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 import dataloaders
 from dataloaders.prepare import write_digits
 from infra.config import DataConfig
+from tests.dataloaders.conftest import assert_rows_match_ids, write_small
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,16 @@ def test_batches_have_the_contract_layout(digits_url):
     assert batch["sample_id"].dtype == torch.int64 and batch["sample_id"].shape == (32,)
     assert isinstance(batch["caption"], list) and all(isinstance(c, str) for c in batch["caption"])
     assert -1.0 <= batch["latent"].min() < batch["latent"].max() <= 1.0
+
+
+def test_worker_processes_deliver_every_row_with_its_own_columns(tmp_path):
+    url = write_small(str(tmp_path / "ds"), n=96, shard_rows=16)
+    cfg = DataConfig(url=url, latent_size=2, text_tokens=3, shuffle_block_size=32, num_workers=2, prefetch=2)
+    loader = dataloaders.build_loader(cfg, rank=1, world_size=2, global_batch_size=24, seed=5)
+    batches = list(itertools.islice(loader, 5))  # past the epoch boundary
+    loader.close()
+    for batch in batches:
+        assert_rows_match_ids(batch)
 
 
 def test_indivisible_global_batch_is_an_error(digits_url):

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-diffusers = pytest.importorskip("diffusers")
+from tests.conftest import require
+
+require("transformers")
+require("diffusers")
 
 from tests.dataloaders.tiny_encoders import encode_dataset, write_image_folder, write_models  # noqa: E402
 

@@ -1,15 +1,20 @@
 """Storage faults (errors, resets, stalls, truncated bodies) on a third of the requests: the epoch
-still completes, every sample exactly once, and nothing hangs."""
+still completes, every sample exactly once with the columns written for it, and nothing hangs. The
+fault proxy itself counts a fault only once it has reached the client."""
 
 from __future__ import annotations
 
+import http.client
 import signal
+import time
+from urllib.parse import urlparse
 
+import boto3
 import pytest
 
 from dataloaders import open_dataset
 from dataloaders.dataset import ReadOptions
-from tests.dataloaders.conftest import write_small
+from tests.dataloaders.conftest import assert_rows_match_ids, write_small
 from tests.dataloaders.fault_proxy import FAULTS, FaultProxy
 
 
@@ -36,7 +41,55 @@ def test_epoch_completes_exactly_once_through_faults(s3_bucket, s3_env, deadline
         loader = ds.loader(rank=0, world_size=1, global_batch_size=40, seed=0, shuffle_block_size=40,
                            num_workers=workers, prefetch=2, read=read)
         stream = iter(loader)
-        ids = [i for _ in range(4) for i in next(stream)["sample_id"].tolist()]
+        batches = [next(stream) for _ in range(4)]
         loader.close()
-    assert sorted(ids) == list(range(160))
+    for batch in batches:
+        assert_rows_match_ids(batch)
+    assert sorted(i for batch in batches for i in batch["sample_id"].tolist()) == list(range(160))
     assert all(proxy.injected[f] >= 1 for f in FAULTS), proxy.injected
+
+
+def _request(url: str, method: str, path: str) -> tuple[int, bytes, str] | str:
+    """(status, body, Content-Length) of one request on a fresh connection, or the error's type name."""
+    address = urlparse(url)
+    conn = http.client.HTTPConnection(address.hostname, address.port, timeout=10)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        return resp.status, resp.read(), resp.getheader("Content-Length")
+    except (OSError, http.client.HTTPException) as e:
+        return type(e).__name__
+    finally:
+        conn.close()
+
+
+def _counts(proxy: FaultProxy, expected: dict) -> dict:
+    """The proxy's counts once they equal ``expected``, or as they are after 5 s: a fault is counted just
+    after it is served, which can be after the client has seen it."""
+    deadline = time.monotonic() + 5
+    while dict(proxy.injected) != expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return dict(proxy.injected)
+
+
+def test_proxy_counts_a_fault_once_it_reached_the_client(s3_bucket, s3_env):
+    bucket = s3_bucket.removeprefix("s3://")
+    boto3.client("s3", endpoint_url=s3_env).put_object(Bucket=bucket, Key="object", Body=b"x" * 1000, ACL="public-read")
+    whole = (200, b"x" * 1000, "1000")
+    plan = [  # every 2nd request gets the next fault of the rotation
+        ("GET", whole, {}),
+        ("GET", lambda out: out[0] == 503, {"error": 1}),
+        ("GET", whole, {"error": 1}),
+        ("GET", lambda out: isinstance(out, str), {"error": 1, "reset": 1}),
+        ("GET", whole, {"error": 1, "reset": 1}),
+        ("GET", lambda out: isinstance(out, str), {"error": 1, "reset": 1, "stall": 1}),
+        ("GET", whole, {"error": 1, "reset": 1, "stall": 1}),
+        ("HEAD", (200, b"", "1000"), {"error": 1, "reset": 1, "stall": 1}),  # no body to cut: not served
+        ("GET", "IncompleteRead", {"error": 1, "reset": 1, "stall": 1, "truncate": 1}),  # the next body is
+        ("GET", lambda out: out[0] == 503, {"error": 2, "reset": 1, "stall": 1, "truncate": 1}),
+    ]
+    with FaultProxy(s3_env, period=2, stall_s=0.2) as proxy:
+        for i, (method, expected, counts) in enumerate(plan, 1):
+            out = _request(proxy.url, method, f"/{bucket}/object")
+            assert expected(out) if callable(expected) else out == expected, f"request {i} ({method}): {out!r}"
+            assert _counts(proxy, counts) == counts, f"after request {i} ({method})"

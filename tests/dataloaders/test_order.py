@@ -1,10 +1,16 @@
-"""The global order: a permutation per epoch, independent of ranks, and measurably well mixed."""
+"""The global order: a permutation per epoch, independent of ranks, measurably well mixed, and exactly what
+the loader delivers."""
 
 from __future__ import annotations
 
-import numpy as np
+import itertools
 
+import numpy as np
+import torch
+
+from dataloaders import open_dataset
 from dataloaders.sampler.order import GlobalOrder, shuffle_quality
+from tests.dataloaders.conftest import assert_rows_match_ids, write_small
 
 SHARDS = [64] * 40 + [17]  # 2,577 samples
 
@@ -51,3 +57,18 @@ def test_larger_blocks_mix_better():
     quality = [shuffle_quality(*GlobalOrder(SHARDS, seed=0, block_size=b).epoch_sequence(0), SHARDS, window=64)
                ["shards_per_window"] for b in (64, 256, 1024, 4096)]
     assert quality == sorted(quality) and quality[-1] > 0.9
+
+
+def test_loader_delivers_the_global_order_row_by_row(tmp_path):
+    """The small dataset's sample_id is its stored position, so the loader's ids must be the order's
+    sequence itself (across an epoch boundary), with every column of each row belonging to its id."""
+    url = write_small(str(tmp_path / "ds"), n=150, shard_rows=32)
+    ds = open_dataset(url)
+    order = GlobalOrder([shard.rows for shard in ds.manifest.shards], seed=11, block_size=48)
+    starts = np.concatenate([[0], np.cumsum(order.shard_rows)[:-1]])
+    expected = np.concatenate([starts[shards] + rows for shards, rows in map(order.epoch_sequence, (0, 1))])
+    loader = ds.loader(rank=0, world_size=1, global_batch_size=40, seed=11, shuffle_block_size=48)
+    batches = list(itertools.islice(loader, 6))  # 240 samples: the epoch, then 90 of the next
+    for batch in batches:
+        assert_rows_match_ids(batch)
+    assert torch.cat([b["sample_id"] for b in batches]).tolist() == expected[:240].tolist()

@@ -1,4 +1,5 @@
-"""Exact and elastic resume: the concatenated sample ids equal an uninterrupted run."""
+"""Exact and elastic resume: the concatenated sample ids equal an uninterrupted run, and every delivered row
+is the one written for its sample_id."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from dataloaders import open_dataset
+from tests.dataloaders.conftest import assert_rows_match_ids, write_small
 
 N = 300  # samples per epoch in the small dataset (shards of 32 rows: the last one is short)
 
@@ -24,7 +26,10 @@ def global_ids(url: str, world: int, batches: int, global_batch: int, state=None
     streams = [iter(loader) for loader in loaders]
     ids = []
     for _ in range(batches):
-        ids.extend(torch.cat([next(s)["sample_id"] for s in streams]).tolist())  # rank slices in rank order
+        slices = [next(s) for s in streams]
+        for batch in slices:
+            assert_rows_match_ids(batch)
+        ids.extend(torch.cat([batch["sample_id"] for batch in slices]).tolist())  # rank slices in rank order
     states = [loader.state_dict() for loader in loaders]
     for loader in loaders:
         loader.close()
@@ -34,8 +39,6 @@ def global_ids(url: str, world: int, batches: int, global_batch: int, state=None
 
 @pytest.fixture(scope="module")
 def small_url(tmp_path_factory):
-    from tests.dataloaders.conftest import write_small
-
     return write_small(str(tmp_path_factory.mktemp("small") / "ds"), n=N)
 
 
@@ -88,7 +91,9 @@ def test_load_state_after_iter_restarts_from_the_loaded_position(small_url):
     stale = iter(loader)
     next(stale)
     loader.load_state_dict(state)
-    resumed = next(iter(loader))["sample_id"].tolist()
+    batch = next(iter(loader))
+    assert_rows_match_ids(batch)
+    resumed = batch["sample_id"].tolist()
     expected, _ = global_ids(small_url, world=1, batches=4, global_batch=30)
     assert resumed == expected[90:120]
     with pytest.raises(StopIteration):
@@ -97,5 +102,8 @@ def test_load_state_after_iter_restarts_from_the_loaded_position(small_url):
 
 def test_unshuffled_order_is_the_stored_order(small_url):
     loader = open_dataset(small_url).loader(rank=0, world_size=1, global_batch_size=30, seed=0, shuffle=False)
-    ids = list(itertools.chain.from_iterable(b["sample_id"].tolist() for b in itertools.islice(loader, 10)))
+    batches = list(itertools.islice(loader, 10))
+    for batch in batches:
+        assert_rows_match_ids(batch)
+    ids = list(itertools.chain.from_iterable(batch["sample_id"].tolist() for batch in batches))
     assert ids == list(range(N))

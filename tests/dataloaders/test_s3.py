@@ -6,7 +6,7 @@ import torch
 
 from dataloaders import open_dataset
 from dataloaders.prepare import main as prepare_main
-from tests.dataloaders.conftest import write_small
+from tests.dataloaders.conftest import assert_rows_match_ids, write_small
 
 
 def one_epoch(source, workers: int = 0, **kw) -> dict:
@@ -22,6 +22,7 @@ def one_epoch(source, workers: int = 0, **kw) -> dict:
 def test_s3_and_local_copies_give_identical_samples(s3_bucket, tmp_path):
     local = one_epoch(write_small(str(tmp_path / "ds"), n=120))
     remote = one_epoch(write_small(f"{s3_bucket}/ds", n=120), workers=2)
+    assert_rows_match_ids(remote)
     assert local.keys() == remote.keys()
     for key, value in local.items():
         if isinstance(value, torch.Tensor):
@@ -43,4 +44,6 @@ def test_explicit_storage_options_override_the_environment(s3_bucket, s3_env, mo
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
     ds = open_dataset(url, storage_options={"endpoint_url": s3_env})
     assert len(ds) == 40
-    assert len(one_epoch(ds)["caption"]) == 40
+    batch = one_epoch(ds)
+    assert len(batch["caption"]) == 40
+    assert_rows_match_ids(batch)

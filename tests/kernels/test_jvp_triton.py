@@ -9,9 +9,11 @@ import math
 import pytest
 import torch
 
+from tests.conftest import require
 from tests.kernels.oracle import assert_matches_exact_jvp, random_attention_inputs, relative_error
 
-jvp_triton = pytest.importorskip("kernels.jvp_triton", reason="Triton is not importable here")
+require("triton")
+from kernels import jvp_triton  # noqa: E402  (after the check: an error of our own module is not a missing extra)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

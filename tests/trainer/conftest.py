@@ -1,4 +1,5 @@
-"""Fresh randomness for every numerical test, with the seed printed on failure so it can be replayed.
+"""Fresh randomness for every numerical test, with the seed printed on failure so it can be replayed, and
+one intra-op thread for the tests that ask for it.
 
 Set ``FLOWSCALE_TEST_SEED`` to replay a failing run with the seed its assertion message reported.
 """
@@ -27,3 +28,12 @@ def seed() -> int:
 @pytest.fixture
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a small, shared CPU, two threads contend and a step is ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,13 +13,7 @@ from trainer.loop import Trainer, TrainHooks
 from trainer.recipes.rectified_flow import RectifiedFlowRecipe
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small, shared CPU, two threads contend and a step is ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LossRecorder(TrainHooks):

@@ -139,9 +139,11 @@ def test_tangent_warmup_shapes():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_tangent_is_cos_times_total_derivative_of_f_along_the_teacher_ode(seed, gen):
+def test_tangent_is_cos_df_dtau_along_the_teacher_ode_blended_with_the_teacher_gap_in_warmup(seed, gen):
     """g (r = 1) = cos(tau) df^-/dtau, with df^-/dtau = d/dtau f(x(tau), tau) along dx/dtau = sigma_d F_T,
-    taken by reverse-mode autograd through the student (no forward mode involved)."""
+    taken by reverse-mode autograd through the student (no forward mode involved). Inside the warmup the
+    second term of g is scaled by r, which (substituting f = cos x - sin sigma_d F) makes
+    g = r cos df^-/dtau - (1 - r) cos^2 (sigma_d F^- - dx/dtau)."""
     teacher, student = _teacher(gen), _student(gen)
     B = 2
     context, pooled = _condition(gen, B)
@@ -160,10 +162,14 @@ def test_tangent_is_cos_times_total_derivative_of_f_along_the_teacher_ode(seed, 
     df_dtau = torch.stack([jac[b, ..., b] for b in range(B)])
     F_minus, J = trigflow.rearranged_jvp(lambda x, t: student(x, t, context, pooled)[0], x_tau / SIGMA_D, tau0,
                                          dxdt, SIGMA_D)
-    g = trigflow.scd_tangent(F_minus, J, dxdt, x_tau, tau0, SIGMA_D, r=1.0)
-    expected = trigflow.expand_like(torch.cos(tau0), df_dtau) * df_dtau
-    assert expected.abs().max() > 1e-3, f"seed {seed}: degenerate derivative"
-    torch.testing.assert_close(g, expected, rtol=1e-7, atol=1e-9, msg=lambda m: f"seed {seed}: {m}")
+    cos = trigflow.expand_like(torch.cos(tau0), df_dtau)
+    with torch.no_grad():
+        teacher_gap = SIGMA_D * student(x_tau / SIGMA_D, tau0, context, pooled)[0] - dxdt
+    assert (cos * df_dtau).abs().max() > 1e-3, f"seed {seed}: degenerate derivative"
+    for r in (1.0, 0.3, 0.0):
+        g = trigflow.scd_tangent(F_minus, J, dxdt, x_tau, tau0, SIGMA_D, r=r)
+        expected = r * cos * df_dtau - (1 - r) * cos**2 * teacher_gap
+        torch.testing.assert_close(g, expected, rtol=1e-7, atol=1e-9, msg=lambda m: f"r={r} (seed {seed}): {m}")
 
 
 def test_rearranged_jvp_is_the_plain_jvp_scaled_by_cos_sin(seed, gen):
