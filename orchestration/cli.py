@@ -1,4 +1,4 @@
-"""The command line shared by the job entry scripts (pretrain.py, distill.py):
+"""The command line shared by the entry scripts (pretrain.py, distill.py, tune.py):
 
     SCRIPT [--config PRESET] [--dump-config] [section.key=value ...]
 
@@ -18,11 +18,12 @@ from infra.config import ConfigError, dump_config, load_config, redact_url
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main(argv: list[str] | None, *, doc: str, script: str, recipe: str, preset: str,
-         flags: dict[str, tuple[str, str]] | None = None) -> int:
-    """Run the entry script ``script`` (its path) whose module docstring is ``doc``, for configs of ``recipe``
-    (default config ``preset``). ``flags`` adds options that set a config key:
-    ``{"--teacher": ("distill.teacher", help)}``."""
+def main(argv: list[str] | None, *, doc: str, script: str, preset: str, recipe: str | None = None,
+         flags: dict[str, tuple[str, str]] | None = None, runner=None) -> int:
+    """Run the entry script ``script`` (its path) whose module docstring is ``doc``, with the default config
+    ``preset``; ``recipe`` (if given) is the recipe its configs must name. ``flags`` adds options that set a
+    config key: ``{"--teacher": ("distill.teacher", help)}``. ``runner`` is ``orchestration.driver`` (a job,
+    the default) or ``orchestration.sweep``: its ``prepare``, ``run`` and ``summary``."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--config", default=preset, help="preset name (configs/NAME.yaml) or YAML path")
     parser.add_argument("--dump-config", action="store_true", help="print the resolved config and exit")
@@ -35,27 +36,30 @@ def main(argv: list[str] | None, *, doc: str, script: str, recipe: str, preset: 
 
     from orchestration import driver
 
+    runner = runner or driver
     try:
         cfg = load_config(args.config, [*args.overrides, *flag_overrides])
         if args.dump_config:
             print(dump_config(cfg))
             return 0
-        if cfg.recipe != recipe:
+        if recipe and cfg.recipe != recipe:
             raise ConfigError(f"{args.config} is a recipe={cfg.recipe} job; this script runs recipe={recipe} jobs")
-        cfg = driver.prepare(cfg)
+        cfg = runner.prepare(cfg)
     except driver.INPUT_ERRORS as e:
         print(f"error: {redact_url(str(e))}", file=sys.stderr)
         return 2
     source = os.path.relpath(script, REPO) if script.startswith(REPO) else script
     try:
-        result = driver.run(cfg, source)
+        result = runner.run(cfg, source)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: run {cfg.run.name} is recorded as KILLED; resume it from its last checkpoint with\n"
+        result = None
+    if result is None or result.interrupted:
+        print(f"\ninterrupted: {cfg.run.name} is recorded as KILLED; resume it from where it stopped with\n"
               f"  python {source} --config {args.config} run.name={cfg.run.name} {' '.join(args.overrides)}",
               file=sys.stderr)
         return 130
     if result.error is not None:
-        print(f"error: run {cfg.run.name} failed: {redact_url(str(result.error))}", file=sys.stderr)
+        print(f"error: {cfg.run.name} failed: {redact_url(str(result.error))}", file=sys.stderr)
         return 1
-    print("\n" + driver.summary(result))
+    print("\n" + runner.summary(result))
     return 0

@@ -38,6 +38,7 @@ class JobResult:
     grids: list[str] = field(default_factory=list)  # local PNGs of the final sample grids
     mlflow_run_id: str | None = None
     error: BaseException | None = None
+    interrupted: bool = False  # KeyboardInterrupt propagates instead; a job result is never interrupted
 
 
 # --------------------------------------------------------------------------------------------------

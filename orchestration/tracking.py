@@ -62,6 +62,19 @@ def source_tags(source: str) -> dict[str, str]:
     return tags
 
 
+def find_run(tracking_uri: str, experiment: str, run_name: str):
+    """The MLflow run of the flowscale run named ``run_name`` in ``experiment``, or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
+                               max_results=1)
+    return found[0] if found else None
+
+
 def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str], config_yaml: str,
              tags: dict[str, str] | None = None) -> str:
     """The id of the MLflow run named ``run_name`` in ``experiment``, RUNNING: created if new, reopened if a
@@ -72,10 +85,10 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str
     mlflow.set_tracking_uri(tracking_uri)
     client = MlflowClient(tracking_uri)
     exp_id = experiment_id(client, experiment, tracking_uri)
-    found = client.search_runs([exp_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    found = find_run(tracking_uri, experiment, run_name)
     if found:
-        run_id = found[0].info.run_id
-        if found[0].info.status != "RUNNING":
+        run_id = found.info.run_id
+        if found.info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
         for key, value in (tags or {}).items():
             client.set_tag(run_id, key, value)
