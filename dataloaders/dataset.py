@@ -40,7 +40,7 @@ from dataloaders.sampler.order import GlobalOrder
 from dataloaders.shards.reader import ShardReader
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: the whole-shard block shuffle, whose order this one does not reproduce
 _ENV_PREFIXES = ("AWS_", "FSSPEC_")
 
 
