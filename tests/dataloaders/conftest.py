@@ -9,10 +9,12 @@ import torch
 from dataloaders.writer import DatasetWriter
 
 
-def write_small(url: str, n: int = 300, shard_rows: int = 32, storage_options: dict | None = None) -> str:
-    """A tiny dataset whose every column is a function of sample_id (so any mix-up is visible)."""
+def write_small(url: str, n: int = 300, shard_rows: int = 32, storage_options: dict | None = None,
+                batch_rows: int | None = None) -> str:
+    """A tiny dataset whose every column is a function of sample_id (so any mix-up is visible). Its rows are
+    small, so by default each shard is one record batch; ``batch_rows`` makes several."""
     ids = np.arange(n, dtype=np.int64)
-    with DatasetWriter(url, shard_rows=shard_rows, storage_options=storage_options,
+    with DatasetWriter(url, shard_rows=shard_rows, batch_rows=batch_rows, storage_options=storage_options,
                        text_encoder={"name": "demo", "settings": {"tokens": 3, "width": 4}}) as w:
         w.set_empty_condition(torch.zeros(3, 4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16))
         w.write({
