@@ -1,14 +1,18 @@
 """The streaming loader: a dataset's global order, split across ranks and workers, with exact resume.
 
 The contract:
-- ``GlobalOrder`` (sampler/order.py) fixes one sample sequence per epoch, epochs laid end to end.
+- ``GlobalOrder`` (sampler/order.py) fixes the sample sequence from the dataset, the seed, the number of
+  partitions ``P`` and ``G``; with ``P`` partitions every global batch takes ``G / P`` samples from each.
 - Global batch ``i`` is stream positions ``[i*G, (i+1)*G)``; rank ``r`` of ``W`` takes the contiguous slice
-  ``[i*G + r*B, i*G + (r+1)*B)`` with ``B = G // W``.
+  ``[i*G + r*B, i*G + (r+1)*B)`` with ``B = G // W``. Ranks are numbered node by node (as Ray Train and
+  torchrun do), so node ``n`` of ``N`` takes slice ``[n*G/N, (n+1)*G/N)``: partitions ``[n*P/N, (n+1)*P/N)``
+  when ``N`` divides ``P``, and it reads only their record batches.
 - A rank's ``K`` loader workers take its batches round-robin (worker ``w`` builds local batches
   ``j = w, w+K, ...``) and torch's DataLoader hands them back in order, so ``K`` changes nothing either.
-- The state is the number of samples the whole job has consumed (plus what identifies the order). It is
-  the same on every rank, so a job resumed on another number of ranks, with the same ``G``, continues the
-  same global sequence: every sample of an epoch exactly once, in the same order.
+- The state is the number of samples the whole job has consumed (plus what identifies the order, ``P``
+  included). It is the same on every rank, so a job resumed on another number of ranks or nodes, with the
+  same ``G``, continues the same global sequence. ``P`` is fixed by the first run (``data.partitions``,
+  default: its node count); a later run is efficient when its node count divides ``P``.
 
 Inside a worker, a lookahead of planned batches decides which record batches to fetch; a thread pool
 fetches them (one ranged GET per run of adjacent batches of a shard) while earlier batches are being used
@@ -106,11 +110,15 @@ class StreamingDataset:
 
     def loader(self, *, rank: int, world_size: int, global_batch_size: int, seed: int, shuffle: bool = True,
                shuffle_block_size: int = 4096, num_workers: int = 0, prefetch: int = 4,
-               read: ReadOptions | None = None) -> "StreamingLoader":
+               read: ReadOptions | None = None, ranks_per_node: int | None = None,
+               partitions: int | None = None) -> "StreamingLoader":
+        """This rank's loader. ``ranks_per_node``: default ``$LOCAL_WORLD_SIZE`` (else one node);
+        ``partitions``: default the node count, and a resumed state's value wins over the default."""
         read = read or ReadOptions(storage_options=self.storage_options)
         return StreamingLoader(self.manifest, self.record_batches(read), read, rank=rank, world_size=world_size,
                                global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
-                               shuffle_block_size=shuffle_block_size, num_workers=num_workers, prefetch=prefetch)
+                               shuffle_block_size=shuffle_block_size, partitions=partitions,
+                               ranks_per_node=ranks_per_node, num_workers=num_workers, prefetch=prefetch)
 
     def empty_condition(self, read: ReadOptions | None = None) -> dict[str, torch.Tensor]:
         """The stored encoding of the empty caption: ``text_tokens`` (L, C), ``text_pooled`` (C,)."""
@@ -266,7 +274,8 @@ class StreamingLoader:
 
     def __init__(self, manifest: Manifest, index: RecordBatchIndex, read: ReadOptions, *, rank: int, world_size: int,
                  global_batch_size: int, seed: int, shuffle: bool = True, shuffle_block_size: int = 4096,
-                 num_workers: int = 0, prefetch: int = 4):
+                 partitions: int | None = None, ranks_per_node: int | None = None, num_workers: int = 0,
+                 prefetch: int = 4):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if global_batch_size % world_size:
@@ -283,7 +292,13 @@ class StreamingLoader:
         self.world_size = world_size
         self.global_batch_size = global_batch_size
         self.batch_size = global_batch_size // world_size
-        self.order = GlobalOrder(index.rows, seed, shuffle, shuffle_block_size, batch_shards=index.shard)
+        self.ranks_per_node = node_size(world_size, ranks_per_node)
+        self.nodes = world_size // self.ranks_per_node
+        self.node = rank // self.ranks_per_node
+        self.partitions_fixed = partitions is not None  # else the node count, until a resumed state says otherwise
+        self.order = GlobalOrder(index.rows, seed, shuffle, shuffle_block_size, batch_shards=index.shard,
+                                 partitions=partitions or self.nodes, global_batch_size=global_batch_size)
+        self._check_nodes_divide_partitions()
         self.num_workers = num_workers
         self.prefetch = prefetch
         self.samples_seen = 0  # by the whole job, in the global stream
@@ -306,15 +321,19 @@ class StreamingLoader:
         return self.samples_seen % self.order.num_samples
 
     def _lookahead(self) -> int:
-        # Enough planned batches that every batch a worker builds inside one shuffle block is planned at
-        # once: a record batch is then fetched once per block, not once per batch.
-        per_block = math.ceil(self.order.block_size / (self.global_batch_size * max(1, self.num_workers)))
+        # Enough planned batches that every batch a worker builds inside one shuffle block of a partition
+        # (block_size * P stream positions) is planned at once: a record batch is then fetched once per block.
+        per_block = math.ceil(self.order.block_size * self.order.partitions /
+                              (self.global_batch_size * max(1, self.num_workers)))
         return max(1, self.prefetch, per_block + 1)
 
     def _source(self) -> Iterator[dict[str, Any]]:
+        node_slice = self.node * self.ranks_per_node * self.batch_size
         batches = RankBatches(self.manifest, self.index, self.order, self.read, rank=self.rank,
                               world_size=self.world_size, global_batch_size=self.global_batch_size,
-                              start=self.samples_seen, lookahead=self._lookahead(), node_partitions=[0])
+                              start=self.samples_seen, lookahead=self._lookahead(),
+                              node_partitions=self.order.partitions_of_slice(
+                                  node_slice, node_slice + self.ranks_per_node * self.batch_size))
         if self.num_workers == 0:
             return iter(batches)
         return iter(DataLoader(batches, batch_size=None, num_workers=self.num_workers,
@@ -365,29 +384,64 @@ class StreamingLoader:
             "seed": self.order.seed,
             "shuffle": self.order.shuffle,
             "shuffle_block_size": self.order.block_size,
+            "partitions": self.order.partitions,
+            "order_base": self.order.base,
             "dataset": self.manifest.fingerprint,
             "skipped_samples": int(sum(self.skipped.values())),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where ``state`` left off; any world size and worker count, same order settings."""
+        """Continue where ``state`` left off; any world size, node count and worker count, same order settings."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION} (version 1 is the "
                              f"order before record-batch reads, which this loader does not reproduce)")
         mine = self.state_dict()
-        for key, what in (("dataset", "dataset (manifest fingerprint)"), ("seed", "train.seed"),
-                          ("shuffle", "data.shuffle"), ("shuffle_block_size", "data.shuffle_block_size")):
+        checks = [("dataset", "dataset (manifest fingerprint)"), ("seed", "train.seed"), ("shuffle", "data.shuffle"),
+                  ("shuffle_block_size", "data.shuffle_block_size")]
+        if self.partitions_fixed:
+            checks.append(("partitions", "data.partitions"))
+        for key, what in checks:
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"cannot resume the data order of dataset {self.manifest.url}: the checkpoint's {what} is "
                     f"{state.get(key)!r}, this job's is {mine[key]!r}; resuming would repeat or skip samples"
                 )
-        if state["samples_seen"] % self.global_batch_size:
-            log.warning("resuming with global batch %d after %d samples (checkpoint batch %d): same order, but "
-                        "batch boundaries move", self.global_batch_size, state["samples_seen"],
+        seen, partitions, base = int(state["samples_seen"]), int(state["partitions"]), int(state["order_base"])
+        if partitions > 1 and seen % partitions:
+            raise ValueError(f"cannot resume: {seen} samples seen is not a multiple of the {partitions} partitions")
+        if partitions > 1 and state["global_batch_size"] != self.global_batch_size:
+            log.warning("resuming with global batch %d after %d samples (checkpoint batch %d): every partition "
+                        "continues where it was, in chunks of another size", self.global_batch_size, seen,
                         state["global_batch_size"])
+            base = seen  # the rounds of the new G start here
+        elif seen % self.global_batch_size:
+            log.warning("resuming with global batch %d after %d samples (checkpoint batch %d): same order, but "
+                        "batch boundaries move", self.global_batch_size, seen, state["global_batch_size"])
         self.close()
-        self.samples_seen = int(state["samples_seen"])
+        self.order = self.order.with_batch(self.global_batch_size, base if partitions > 1 else 0, partitions)
+        self.samples_seen = seen
+        self._check_nodes_divide_partitions()
+
+    def _check_nodes_divide_partitions(self) -> None:
+        if self.order.partitions % self.nodes:
+            log.warning("the data order has %d partitions, which %d nodes do not divide: each node will read more "
+                        "than its share (choose a node count that divides %d)", self.order.partitions, self.nodes,
+                        self.order.partitions)
+
+
+def node_size(world_size: int, ranks_per_node: int | None) -> int:
+    """Ranks per node: as given, else ``$LOCAL_WORLD_SIZE`` (Ray Train and torchrun set it), else all ranks."""
+    if ranks_per_node is not None:
+        if ranks_per_node < 1 or world_size % ranks_per_node:
+            raise ValueError(f"ranks_per_node={ranks_per_node} does not divide the {world_size} ranks")
+        return ranks_per_node
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit() and int(local) >= 1 and world_size % int(local) == 0:
+        return int(local)
+    if local:
+        log.warning("LOCAL_WORLD_SIZE=%s does not divide the %d ranks; the loader treats them as one node",
+                    local, world_size)
+    return world_size
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -402,8 +456,9 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def build_loader(cfg, *, rank: int, world_size: int, global_batch_size: int, seed: int) -> StreamingLoader:
-    """The training loader for ``cfg`` (an ``infra.config.DataConfig``)."""
+def build_loader(cfg, *, rank: int, world_size: int, global_batch_size: int, seed: int,
+                 ranks_per_node: int | None = None) -> StreamingLoader:
+    """The training loader for ``cfg`` (an ``infra.config.DataConfig``); ``ranks_per_node`` as in ``node_size``."""
     url = cfg.url
     if not url:
         raise ValueError("data.url is empty: give the dataset's manifest URL (the job driver fills in the digits "
@@ -415,7 +470,8 @@ def build_loader(cfg, *, rank: int, world_size: int, global_batch_size: int, see
     check_shapes(ds.manifest, cfg)
     return ds.loader(rank=rank, world_size=world_size, global_batch_size=global_batch_size, seed=seed,
                      shuffle=cfg.shuffle, shuffle_block_size=cfg.shuffle_block_size, num_workers=cfg.num_workers,
-                     prefetch=cfg.prefetch, read=read)
+                     prefetch=cfg.prefetch, read=read, ranks_per_node=ranks_per_node,
+                     partitions=cfg.partitions or None)
 
 
 def check_shapes(manifest: Manifest, cfg) -> None:

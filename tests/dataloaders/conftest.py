@@ -27,6 +27,23 @@ def write_small(url: str, n: int = 300, shard_rows: int = 32, storage_options: d
     return w.url
 
 
+def run_ranks(loaders: list, batches: int, state: dict | None = None) -> tuple[list[int], dict]:
+    """Step every rank's loader (one per rank, in rank order) `batches` times, after loading `state` if given;
+    the global sample sequence (rank slices side by side) and the final state, which all ranks must share."""
+    if state is not None:
+        for loader in loaders:
+            loader.load_state_dict(state)
+    streams = [iter(loader) for loader in loaders]
+    ids = []
+    for _ in range(batches):
+        ids.extend(torch.cat([next(s)["sample_id"] for s in streams]).tolist())
+    states = [loader.state_dict() for loader in loaders]
+    for loader in loaders:
+        loader.close()
+    assert all(s == states[0] for s in states), "ranks disagree on the loader state"
+    return ids, states[0]
+
+
 @pytest.fixture
 def small_local(tmp_path) -> str:
     return write_small(str(tmp_path / "small"))

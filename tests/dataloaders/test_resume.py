@@ -5,9 +5,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 
 from dataloaders import open_dataset
+from tests.dataloaders.conftest import run_ranks
 
 N = 300  # samples per epoch in the small dataset (shards of 32 rows: the last one is short)
 
@@ -18,18 +18,7 @@ def global_ids(url: str, world: int, batches: int, global_batch: int, state=None
     ds = open_dataset(url)
     loaders = [ds.loader(rank=r, world_size=world, global_batch_size=global_batch, seed=seed, shuffle_block_size=block,
                          num_workers=workers, prefetch=2) for r in range(world)]
-    if state is not None:
-        for loader in loaders:
-            loader.load_state_dict(state)
-    streams = [iter(loader) for loader in loaders]
-    ids = []
-    for _ in range(batches):
-        ids.extend(torch.cat([next(s)["sample_id"] for s in streams]).tolist())  # rank slices in rank order
-    states = [loader.state_dict() for loader in loaders]
-    for loader in loaders:
-        loader.close()
-    assert all(s == states[0] for s in states), "ranks disagree on the loader state"
-    return ids, states[0]
+    return run_ranks(loaders, batches, state)
 
 
 @pytest.fixture(scope="module")
