@@ -1,75 +1,158 @@
-"""A local shard cache on disk, bounded in bytes, shared by every process of a host.
+"""A node's cache of verified record batches on local disk, shared by all its ranks and loader workers.
 
-Files are written to a temporary name and renamed into place, so concurrent ranks and workers of one node
-can share a cache directory (one download serves all of them) without ever reading a partial file. The
-directory is keyed by the dataset's manifest fingerprint, so two datasets, or two versions of one, never
-collide. Eviction removes the least recently used shards (mtime, refreshed on every hit) until the cache
-fits its budget; a shard evicted under a reader's feet is simply fetched again.
+One download per node: before fetching a record batch, a process creates its claim file (``O_EXCL``, so
+exactly one process wins); the others wait until the entry appears under its final name. Entries are
+written to a temporary name and renamed into place, so a half-written entry is never read. A claim whose
+owner died (same host, dead pid) or that outlives ``stale_after_s`` is given up: the waiter fetches the
+batch itself (at worst a second download, never a wrong byte). The directory is keyed by the dataset's
+manifest fingerprint, so two datasets, or two versions of one, never collide.
+
+When ``max_bytes`` bounds the cache, eviction follows the known future order: the entries whose next use
+by this node is farthest away go first (Belady's rule; ``next_use`` comes from ``GlobalOrder``), entries of
+partitions the node does not serve before all others. Eviction runs when this process's estimate of the
+total crosses the budget and brings it down to 90 % of it, so the directory is listed rarely; another
+process's writes since the last listing can overshoot the budget briefly. An entry evicted while a reader
+has it memory-mapped stays readable to that reader (unlink removes the name, not the mapping).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import socket
+import time
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import pyarrow as pa
 
+_HOST = socket.gethostname()
 
-class ShardCache:
-    def __init__(self, directory: str, fingerprint: str, max_bytes: int = 0):
+
+class BatchCache:
+    def __init__(self, directory: str, fingerprint: str, max_bytes: int = 0, stale_after_s: float = 120.0):
         self.dir = Path(directory).expanduser() / fingerprint[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes  # 0 = unbounded
+        self.stale_after_s = stale_after_s
+        # record batch ids -> distance to their next use (inf: not needed by this node); None: oldest first
+        self.next_use: Callable[[np.ndarray], np.ndarray] | None = None
+        self._estimate: int | None = None  # bytes in the cache as this process last counted, plus its own puts
 
-    def _path(self, relative: str) -> Path:
-        return self.dir / relative.replace("/", "__")
+    def _path(self, batch: int) -> Path:
+        return self.dir / f"{batch:09d}.arrow-batch"
 
-    def get(self, relative: str) -> pa.Buffer | None:
-        """The cached shard, memory-mapped (an eviction meanwhile unlinks the name, not the mapping)."""
-        path = self._path(relative)
+    def _claim_path(self, batch: int) -> Path:
+        return self.dir / f".claim-{batch:09d}"
+
+    def get(self, batch: int) -> pa.Buffer | None:
+        """The cached record batch, memory-mapped, or None."""
         try:
-            data = pa.memory_map(str(path), "r").read_buffer()
+            return pa.memory_map(str(self._path(batch)), "r").read_buffer()
         except FileNotFoundError:
             return None
+
+    def claim(self, batch: int) -> bool:
+        """True if this process is now the one to fetch ``batch`` (then ``put`` or ``release`` it)."""
+        for _ in range(2):
+            try:
+                fd = os.open(self._claim_path(batch), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._stale(batch):
+                    return False
+                self._claim_path(batch).unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{_HOST} {os.getpid()}")
+            if self._path(batch).exists():  # finished by another process between its get and our claim
+                self.release(batch)
+                return False
+            return True
+        return False
+
+    def _stale(self, batch: int) -> bool:
+        path = self._claim_path(batch)
         try:
-            os.utime(path)  # most recently used
-        except FileNotFoundError:
-            pass
-        return data
-
-    def put(self, relative: str, data: bytes | pa.Buffer) -> None:
-        if self.max_bytes and len(data) > self.max_bytes:
-            return  # a shard larger than the whole budget is never cached
-        path = self._path(relative)
-        tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-        if self.max_bytes:
-            self.evict(keep=path)
-
-    def evict(self, keep: Path | None = None) -> None:
-        """Delete least recently used shards until the cache fits ``max_bytes`` (never ``keep``)."""
-        entries = []
-        for p in self.dir.iterdir():
-            if p.name.startswith(".tmp-"):
-                continue
+            owner = path.read_text().split()
+            age = time.time() - path.stat().st_mtime
+        except (FileNotFoundError, ValueError):
+            return False  # released meanwhile (or still being written): look again
+        if age > self.stale_after_s:
+            return True
+        if len(owner) == 2 and owner[0] == _HOST:
             try:
-                st = p.stat()
-            except FileNotFoundError:
-                continue
-            entries.append((st.st_mtime, st.st_size, p))
-        total = sum(size for _, size, _ in entries)
-        for _, size, p in sorted(entries, key=lambda e: e[0]):
-            if total <= self.max_bytes:
-                break
-            if p == keep:
-                continue
-            try:
-                p.unlink()
-                total -= size
-            except FileNotFoundError:
+                os.kill(int(owner[1]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError):
                 pass
+        return False
+
+    def wait(self, batch: int) -> pa.Buffer | None:
+        """The entry another process has claimed, once it is there; None if that process gave up or died
+        (or ``stale_after_s`` passed): the caller then fetches it itself."""
+        delay, deadline = 0.002, time.monotonic() + self.stale_after_s
+        while time.monotonic() < deadline:
+            data = self.get(batch)
+            if data is not None:
+                return data
+            if not self._claim_path(batch).exists() or self._stale(batch):
+                return self.get(batch)
+            time.sleep(delay)
+            delay = min(0.05, delay * 2)
+        return None
+
+    def put(self, batch: int, data: bytes | pa.Buffer) -> None:
+        """Publish a verified record batch (by rename) and drop this process's claim on it."""
+        try:
+            if self.max_bytes and len(data) > self.max_bytes:
+                return  # larger than the whole budget: never cached
+            path = self._path(batch)
+            tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            self.release(batch)
+        if self.max_bytes:
+            self._estimate = None if self._estimate is None else self._estimate + len(data)
+            if self._estimate is None or self._estimate > self.max_bytes:
+                self.evict(keep=batch)
+
+    def release(self, batch: int) -> None:
+        self._claim_path(batch).unlink(missing_ok=True)
+
+    def discard(self, batch: int) -> None:
+        """Remove an entry that failed verification."""
+        self._path(batch).unlink(missing_ok=True)
+
+    def entries(self) -> dict[int, int]:
+        """Record batch id -> bytes of every complete entry."""
+        out = {}
+        for entry in os.scandir(self.dir):
+            if entry.name.endswith(".arrow-batch") and not entry.name.startswith("."):
+                try:
+                    out[int(entry.name.split(".", 1)[0])] = entry.stat().st_size
+                except FileNotFoundError:
+                    pass
+        return out
+
+    def evict(self, keep: int | None = None) -> None:
+        """Delete the entries needed farthest in the future until the cache holds 90 % of ``max_bytes``."""
+        entries = self.entries()
+        total = sum(entries.values())
+        if total > self.max_bytes:
+            ids = np.fromiter(entries, np.int64, len(entries))
+            distance = self.next_use(ids) if self.next_use is not None else np.zeros(len(ids))
+            for i in np.argsort(-distance, kind="stable"):
+                if total <= 0.9 * self.max_bytes:
+                    break
+                if ids[i] == keep:
+                    continue
+                self.discard(int(ids[i]))
+                total -= entries[int(ids[i])]
+        self._estimate = total
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.dir.iterdir() if not p.name.startswith(".tmp-"))
+        return sum(self.entries().values())

@@ -1,18 +1,24 @@
 """The streaming loader: a dataset's global order, split across ranks and workers, with exact resume.
 
 The contract:
-- ``GlobalOrder`` (sampler/order.py) fixes one sample sequence per epoch, epochs laid end to end.
+- ``GlobalOrder`` (sampler/order.py) fixes the sample sequence from the dataset, the seed, the number of
+  partitions ``P`` and ``G``; with ``P`` partitions every global batch takes ``G / P`` samples from each.
 - Global batch ``i`` is stream positions ``[i*G, (i+1)*G)``; rank ``r`` of ``W`` takes the contiguous slice
-  ``[i*G + r*B, i*G + (r+1)*B)`` with ``B = G // W``.
+  ``[i*G + r*B, i*G + (r+1)*B)`` with ``B = G // W``. Ranks are numbered node by node (as Ray Train and
+  torchrun do), so node ``n`` of ``N`` takes slice ``[n*G/N, (n+1)*G/N)``: partitions ``[n*P/N, (n+1)*P/N)``
+  when ``N`` divides ``P``, and it reads only their record batches.
 - A rank's ``K`` loader workers take its batches round-robin (worker ``w`` builds local batches
   ``j = w, w+K, ...``) and torch's DataLoader hands them back in order, so ``K`` changes nothing either.
-- The state is the number of samples the whole job has consumed (plus what identifies the order). It is
-  the same on every rank, so a job resumed on another number of ranks, with the same ``G``, continues the
-  same global sequence: every sample of an epoch exactly once, in the same order.
+- The state is the number of samples the whole job has consumed (plus what identifies the order, ``P``
+  included). It is the same on every rank, so a job resumed on another number of ranks or nodes, with the
+  same ``G``, continues the same global sequence. ``P`` is fixed by the first run (``data.partitions``,
+  default: its node count); a later run is efficient when its node count divides ``P``.
 
-Inside a worker, a lookahead of planned batches decides which shards to fetch; a thread pool fetches them
-while earlier batches are being used (S3 latency stays off the training step), and a shard is released
-once no planned batch needs it. Batches keep the stored dtypes (bf16 stays bf16: half the bytes through
+Inside a worker, a lookahead of planned batches decides which record batches to fetch; a thread pool
+fetches them (one ranged GET per run of adjacent batches of a shard) while earlier batches are being used
+(S3 latency stays off the training step), and a record batch is released once no planned batch needs it.
+With ``data.cache_dir`` the ranks and workers of a node share one cache (``cache.py``), so each record batch
+is downloaded once per node. Batches keep the stored dtypes (bf16 stays bf16: half the bytes through
 the worker queue); ``sample_id`` is int64 and ``caption`` a list of str.
 """
 
@@ -32,15 +38,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataloaders import storage
-from dataloaders.cache import ShardCache
+from dataloaders.cache import BatchCache
 from dataloaders.columns import ColumnSpec, empty_rows, to_torch
-from dataloaders.errors import CorruptShardError, DataError, ManifestError, SchemaMismatchError
-from dataloaders.manifest import Manifest, manifest_url, parse_manifest
+from dataloaders.errors import DataError, ManifestError
+from dataloaders.manifest import Manifest, checksum_matches, manifest_url, parse_manifest
 from dataloaders.sampler.order import GlobalOrder
+from dataloaders.shards.index import RecordBatchIndex
 from dataloaders.shards.reader import ShardReader
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 1: the whole-shard block shuffle before issue 14, whose order this one does not reproduce
 _ENV_PREFIXES = ("AWS_", "FSSPEC_")
 
 
@@ -78,17 +85,40 @@ class StreamingDataset:
     def __init__(self, manifest: Manifest, storage_options: dict | None = None):
         self.manifest = manifest
         self.storage_options = storage_options or {}
+        self._index: RecordBatchIndex | None = None
 
     def __len__(self) -> int:
         return self.manifest.num_samples
 
+    def record_batches(self, read: ReadOptions | None = None) -> RecordBatchIndex:
+        """The record-batch index (read once, verified against the manifest); for a dataset written without
+        one, each shard as a single record batch."""
+        if self._index is None:
+            info = self.manifest.record_batch_index
+            if info is None:
+                self._index = RecordBatchIndex.of_whole_shards(self.manifest)
+            else:
+                read = read or ReadOptions(storage_options=self.storage_options)
+                fs, root = storage.filesystem(self.manifest.root, read.storage_options, read.timeout_s)
+                url = storage.join(self.manifest.root, info.path)
+                data = storage.read_bytes(fs, storage.join(root, info.path), url, read.retries)
+                if len(data) != info.bytes or not checksum_matches(data, info.checksum):
+                    raise ManifestError(f"record-batch index {url} does not match manifest {self.manifest.url} (size "
+                                        f"{len(data)}, expected {info.bytes} with {info.checksum}); rewrite the dataset")
+                self._index = RecordBatchIndex.decode(data, self.manifest, url)
+        return self._index
+
     def loader(self, *, rank: int, world_size: int, global_batch_size: int, seed: int, shuffle: bool = True,
                shuffle_block_size: int = 4096, num_workers: int = 0, prefetch: int = 4,
-               read: ReadOptions | None = None) -> "StreamingLoader":
-        order = GlobalOrder([s.rows for s in self.manifest.shards], seed, shuffle, shuffle_block_size)
+               read: ReadOptions | None = None, ranks_per_node: int | None = None,
+               partitions: int | None = None) -> "StreamingLoader":
+        """This rank's loader. ``ranks_per_node``: default ``$LOCAL_WORLD_SIZE`` (else one node);
+        ``partitions``: default the node count, and a resumed state's value wins over the default."""
         read = read or ReadOptions(storage_options=self.storage_options)
-        return StreamingLoader(self.manifest, order, read, rank=rank, world_size=world_size,
-                               global_batch_size=global_batch_size, num_workers=num_workers, prefetch=prefetch)
+        return StreamingLoader(self.manifest, self.record_batches(read), read, rank=rank, world_size=world_size,
+                               global_batch_size=global_batch_size, seed=seed, shuffle=shuffle,
+                               shuffle_block_size=shuffle_block_size, partitions=partitions,
+                               ranks_per_node=ranks_per_node, num_workers=num_workers, prefetch=prefetch)
 
     def empty_condition(self, read: ReadOptions | None = None) -> dict[str, torch.Tensor]:
         """The stored encoding of the empty caption: ``text_tokens`` (L, C), ``text_pooled`` (C,)."""
@@ -99,7 +129,7 @@ class StreamingDataset:
                  ColumnSpec("text_pooled", "tensor", c.dtype, c.shape)
                  for c in self.manifest.columns if c.name in ("text_tokens", "text_pooled")]
         read = read or ReadOptions(storage_options=self.storage_options)
-        reader = ShardReader(self.manifest, read.storage_options, read.retries, read.timeout_s)
+        reader = ShardReader(self.manifest, None, read.storage_options, read.retries, read.timeout_s)
         shard = reader.read(info, specs)
         return {s.name: to_torch(s, np.array(shard.columns[s.name][0])) for s in specs}
 
@@ -118,8 +148,8 @@ def empty_condition(source: str | StreamingDataset, storage_options: dict | None
 @dataclass
 class _Plan:
     position: int  # stream position of the batch's first sample (this rank's slice)
-    shards: np.ndarray
-    rows: np.ndarray
+    batches: np.ndarray  # record batch of each sample
+    rows: np.ndarray  # row in it
 
 
 class RankBatches(IterableDataset):
@@ -128,9 +158,11 @@ class RankBatches(IterableDataset):
     Picklable (plain data only), so spawn workers can receive it; each builds its own filesystem.
     """
 
-    def __init__(self, manifest: Manifest, order: GlobalOrder, read: ReadOptions, *, rank: int, world_size: int,
-                 global_batch_size: int, start: int, lookahead: int):
+    def __init__(self, manifest: Manifest, index: RecordBatchIndex, order: GlobalOrder, read: ReadOptions, *,
+                 rank: int, world_size: int, global_batch_size: int, start: int, lookahead: int,
+                 node_partitions: list[int]):
         self.manifest = manifest
+        self.index = index
         self.order = order
         self.read = read
         self.rank = rank
@@ -138,6 +170,8 @@ class RankBatches(IterableDataset):
         self.batch_size = global_batch_size // world_size
         self.start = start
         self.lookahead = lookahead
+        self.node_partitions = node_partitions  # whose record batches a bounded cache keeps first
+        self._now = start
         # A forkserver's children inherit the server's environment, frozen when it started; hand workers the
         # parent's current credentials and endpoint instead.
         self.env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
@@ -147,8 +181,8 @@ class RankBatches(IterableDataset):
 
     def _plan(self, j: int) -> _Plan:
         pos = self._position(j)
-        _, shards, rows = self.order.locate(pos, self.batch_size)
-        return _Plan(pos, shards, rows)
+        _, batches, rows = self.order.locate(pos, self.batch_size)
+        return _Plan(pos, batches, rows)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -157,20 +191,21 @@ class RankBatches(IterableDataset):
             for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES) and k not in self.env]:
                 del os.environ[key]
             os.environ.update(self.env)
-        cache = (ShardCache(self.read.cache_dir, self.manifest.fingerprint, self.read.cache_bytes)
-                 if self.read.cache_dir else None)
-        reader = ShardReader(self.manifest, self.read.storage_options, self.read.retries, self.read.timeout_s,
-                             cache, self.read.verify_checksums)
-        pool = ThreadPoolExecutor(self.read.fetch_threads, thread_name_prefix="shard-fetch")
+        cache = None
+        if self.read.cache_dir:
+            cache = BatchCache(self.read.cache_dir, self.manifest.fingerprint, self.read.cache_bytes)
+            cache.next_use = lambda ids: self.order.next_use(ids, self._now, self.node_partitions)
+        reader = ShardReader(self.manifest, self.index, self.read.storage_options, self.read.retries,
+                             self.read.timeout_s, cache, self.read.verify_checksums)
+        pool = ThreadPoolExecutor(self.read.fetch_threads, thread_name_prefix="batch-fetch")
         try:
             yield from self._batches(reader, pool, worker, workers)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _batches(self, reader: ShardReader, pool: ThreadPoolExecutor, worker: int, workers: int):
-        shards = self.manifest.shards
-        resident: dict[int, Future] = {}
-        uses: Counter = Counter()  # shard -> planned batches that still need it
+        resident: dict[int, Future] = {}  # record batch -> the fetch of its group (one shard's batches)
+        uses: Counter = Counter()  # record batch -> planned batches that still need it
         planned: deque[_Plan] = deque()
         bad: set[int] = set()
         next_j = worker
@@ -179,47 +214,53 @@ class RankBatches(IterableDataset):
                 plan = self._plan(next_j)
                 next_j += workers
                 planned.append(plan)
-                for s in dict.fromkeys(plan.shards.tolist()):  # first-use order
-                    uses[s] += 1
-                    if s not in resident:
-                        resident[s] = pool.submit(reader.read, shards[s])
+                needed = list(dict.fromkeys(plan.batches.tolist()))  # first-use order
+                uses.update(needed)
+                new = [b for b in needed if b not in resident]
+                for shard in dict.fromkeys(int(self.index.shard[b]) for b in new):
+                    group = [b for b in new if self.index.shard[b] == shard]
+                    future = pool.submit(reader.read_batches, group)
+                    resident.update(dict.fromkeys(group, future))
             plan = planned.popleft()
-            yield self._assemble(plan, resident, bad)
-            for s in set(plan.shards.tolist()):
-                uses[s] -= 1
-                if uses[s] == 0:
-                    del uses[s]
-                    resident.pop(s).cancel()
+            self._now = plan.position
+            yield self._assemble(plan, resident, bad, reader)
+            for b in set(plan.batches.tolist()):
+                uses[b] -= 1
+                if uses[b] == 0:
+                    del uses[b]
+                    del resident[b]
 
-    def _assemble(self, plan: _Plan, resident: dict[int, Future], bad: set[int]) -> dict[str, Any]:
-        keep = np.ones(len(plan.shards), bool)
+    def _assemble(self, plan: _Plan, resident: dict[int, Future], bad: set[int], reader: ShardReader) -> dict[str, Any]:
+        keep = np.ones(len(plan.batches), bool)
         decoded = {}
-        skipped: dict[str, int] = {}
-        for s in dict.fromkeys(plan.shards.tolist()):
-            try:
-                decoded[s] = resident[s].result()
-            except (CorruptShardError, SchemaMismatchError) as e:
+        skipped: Counter = Counter()
+        for b in dict.fromkeys(plan.batches.tolist()):
+            result = resident[b].result()[b]
+            if isinstance(result, DataError):
                 if self.read.on_corrupt != "skip":
-                    raise
-                if s not in bad:
-                    log.warning("skipping the samples of a bad shard: %s", e)
-                    bad.add(s)
-                mask = plan.shards == s
+                    raise result
+                if b not in bad:
+                    log.warning("skipping the samples of a bad record batch: %s", result)
+                    bad.add(b)
+                mask = plan.batches == b
                 keep &= ~mask
-                skipped[self.manifest.shards[s].path] = int(mask.sum())
-        shards, rows = plan.shards[keep], plan.rows[keep]
+                skipped[self.manifest.shards[int(self.index.shard[b])].path] += int(mask.sum())
+                continue
+            decoded[b] = result
+        batches, rows = plan.batches[keep], plan.rows[keep]
         batch: dict[str, Any] = {}
         for spec in self.manifest.columns:
             if spec.kind == "string":
-                batch[spec.name] = [decoded[s].columns[spec.name][r] for s, r in zip(shards.tolist(), rows.tolist())]
+                batch[spec.name] = [decoded[b].columns[spec.name][r] for b, r in zip(batches.tolist(), rows.tolist())]
                 continue
-            tensor, out = empty_rows(spec, len(shards), shared=get_worker_info() is not None)
-            for s in np.unique(shards):
-                at = np.flatnonzero(shards == s)
-                out[at] = decoded[int(s)].columns[spec.name][rows[at]]
+            tensor, out = empty_rows(spec, len(batches), shared=get_worker_info() is not None)
+            for b in np.unique(batches):
+                at = np.flatnonzero(batches == b)
+                out[at] = decoded[int(b)].columns[spec.name][rows[at]]
             batch[spec.name] = to_torch(spec, tensor)
         batch["_position"] = plan.position
-        batch["_skipped"] = skipped
+        batch["_skipped"] = dict(skipped)
+        batch["_io"] = dict(reader.take_counters())
         return batch
 
 
@@ -231,8 +272,10 @@ class RankBatches(IterableDataset):
 class StreamingLoader:
     """Infinite iterable of this rank's batches, with ``state_dict``/``load_state_dict`` (JSON-able)."""
 
-    def __init__(self, manifest: Manifest, order: GlobalOrder, read: ReadOptions, *, rank: int, world_size: int,
-                 global_batch_size: int, num_workers: int = 0, prefetch: int = 4):
+    def __init__(self, manifest: Manifest, index: RecordBatchIndex, read: ReadOptions, *, rank: int, world_size: int,
+                 global_batch_size: int, seed: int, shuffle: bool = True, shuffle_block_size: int = 4096,
+                 partitions: int | None = None, ranks_per_node: int | None = None, num_workers: int = 0,
+                 prefetch: int = 4):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         if global_batch_size % world_size:
@@ -243,16 +286,25 @@ class StreamingLoader:
         if read.on_corrupt not in ("fail", "skip"):
             raise ValueError(f"data.on_corrupt must be 'fail' or 'skip', got {read.on_corrupt!r}")
         self.manifest = manifest
-        self.order = order
+        self.index = index
         self.read = read
         self.rank = rank
         self.world_size = world_size
         self.global_batch_size = global_batch_size
         self.batch_size = global_batch_size // world_size
+        self.ranks_per_node = node_size(world_size, ranks_per_node)
+        self.nodes = world_size // self.ranks_per_node
+        self.node = rank // self.ranks_per_node
+        self.partitions_fixed = partitions is not None  # else the node count, until a resumed state says otherwise
+        self.order = GlobalOrder(index.rows, seed, shuffle, shuffle_block_size, batch_shards=index.shard,
+                                 partitions=partitions or self.nodes, global_batch_size=global_batch_size)
+        self._check_nodes_divide_partitions()
         self.num_workers = num_workers
         self.prefetch = prefetch
         self.samples_seen = 0  # by the whole job, in the global stream
         self.skipped: Counter = Counter()  # shard path -> samples this rank skipped (on_corrupt=skip)
+        # this rank's reads: bytes_fetched and get_requests (from storage), cache_hits, cache_waits
+        self.io: Counter = Counter()
         self._live: Iterator | None = None
 
     @property
@@ -269,15 +321,19 @@ class StreamingLoader:
         return self.samples_seen % self.order.num_samples
 
     def _lookahead(self) -> int:
-        # Enough planned batches that every batch a worker builds inside one shuffle block is planned at
-        # once: a shard is then fetched once per block, not once per batch.
-        per_block = math.ceil(self.order.block_size / (self.global_batch_size * max(1, self.num_workers)))
+        # Enough planned batches that every batch a worker builds inside one shuffle block of a partition
+        # (block_size * P stream positions) is planned at once: a record batch is then fetched once per block.
+        per_block = math.ceil(self.order.block_size * self.order.partitions /
+                              (self.global_batch_size * max(1, self.num_workers)))
         return max(1, self.prefetch, per_block + 1)
 
     def _source(self) -> Iterator[dict[str, Any]]:
-        batches = RankBatches(self.manifest, self.order, self.read, rank=self.rank, world_size=self.world_size,
-                              global_batch_size=self.global_batch_size, start=self.samples_seen,
-                              lookahead=self._lookahead())
+        node_slice = self.node * self.ranks_per_node * self.batch_size
+        batches = RankBatches(self.manifest, self.index, self.order, self.read, rank=self.rank,
+                              world_size=self.world_size, global_batch_size=self.global_batch_size,
+                              start=self.samples_seen, lookahead=self._lookahead(),
+                              node_partitions=self.order.partitions_of_slice(
+                                  node_slice, node_slice + self.ranks_per_node * self.batch_size))
         if self.num_workers == 0:
             return iter(batches)
         return iter(DataLoader(batches, batch_size=None, num_workers=self.num_workers,
@@ -297,9 +353,10 @@ class StreamingLoader:
                 position = int(batch.pop("_position"))
                 if position != expected:
                     raise RuntimeError(f"loader order broken: batch at stream position {position}, expected {expected}")
+                self.io.update(batch.pop("_io"))
                 for path, n in dict(batch.pop("_skipped")).items():
                     self.skipped[path] += n
-                    log.warning("dataset %s: skipped %d samples of corrupt shard %s (%d skipped in total)",
+                    log.warning("dataset %s: skipped %d samples of shard %s (%d skipped in total)",
                                 self.manifest.url, n, path, sum(self.skipped.values()))
                 self.samples_seen += self.global_batch_size
                 yield batch
@@ -327,28 +384,64 @@ class StreamingLoader:
             "seed": self.order.seed,
             "shuffle": self.order.shuffle,
             "shuffle_block_size": self.order.block_size,
+            "partitions": self.order.partitions,
+            "order_base": self.order.base,
             "dataset": self.manifest.fingerprint,
             "skipped_samples": int(sum(self.skipped.values())),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue where ``state`` left off; any world size and worker count, same order settings."""
+        """Continue where ``state`` left off; any world size, node count and worker count, same order settings."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+            raise ValueError(f"loader state version {state.get('version')!r} is not {STATE_VERSION} (version 1 is the "
+                             f"order before record-batch reads, which this loader does not reproduce)")
         mine = self.state_dict()
-        for key, what in (("dataset", "dataset (manifest fingerprint)"), ("seed", "train.seed"),
-                          ("shuffle", "data.shuffle"), ("shuffle_block_size", "data.shuffle_block_size")):
+        checks = [("dataset", "dataset (manifest fingerprint)"), ("seed", "train.seed"), ("shuffle", "data.shuffle"),
+                  ("shuffle_block_size", "data.shuffle_block_size")]
+        if self.partitions_fixed:
+            checks.append(("partitions", "data.partitions"))
+        for key, what in checks:
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"cannot resume the data order of dataset {self.manifest.url}: the checkpoint's {what} is "
                     f"{state.get(key)!r}, this job's is {mine[key]!r}; resuming would repeat or skip samples"
                 )
-        if state["samples_seen"] % self.global_batch_size:
-            log.warning("resuming with global batch %d after %d samples (checkpoint batch %d): same order, but "
-                        "batch boundaries move", self.global_batch_size, state["samples_seen"],
+        seen, partitions, base = int(state["samples_seen"]), int(state["partitions"]), int(state["order_base"])
+        if partitions > 1 and seen % partitions:
+            raise ValueError(f"cannot resume: {seen} samples seen is not a multiple of the {partitions} partitions")
+        if partitions > 1 and state["global_batch_size"] != self.global_batch_size:
+            log.warning("resuming with global batch %d after %d samples (checkpoint batch %d): every partition "
+                        "continues where it was, in chunks of another size", self.global_batch_size, seen,
                         state["global_batch_size"])
+            base = seen  # the rounds of the new G start here
+        elif seen % self.global_batch_size:
+            log.warning("resuming with global batch %d after %d samples (checkpoint batch %d): same order, but "
+                        "batch boundaries move", self.global_batch_size, seen, state["global_batch_size"])
         self.close()
-        self.samples_seen = int(state["samples_seen"])
+        self.order = self.order.with_batch(self.global_batch_size, base if partitions > 1 else 0, partitions)
+        self.samples_seen = seen
+        self._check_nodes_divide_partitions()
+
+    def _check_nodes_divide_partitions(self) -> None:
+        if self.order.partitions % self.nodes:
+            log.warning("the data order has %d partitions, which %d nodes do not divide: each node will read more "
+                        "than its share (choose a node count that divides %d)", self.order.partitions, self.nodes,
+                        self.order.partitions)
+
+
+def node_size(world_size: int, ranks_per_node: int | None) -> int:
+    """Ranks per node: as given, else ``$LOCAL_WORLD_SIZE`` (Ray Train and torchrun set it), else all ranks."""
+    if ranks_per_node is not None:
+        if ranks_per_node < 1 or world_size % ranks_per_node:
+            raise ValueError(f"ranks_per_node={ranks_per_node} does not divide the {world_size} ranks")
+        return ranks_per_node
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    if local.isdigit() and int(local) >= 1 and world_size % int(local) == 0:
+        return int(local)
+    if local:
+        log.warning("LOCAL_WORLD_SIZE=%s does not divide the %d ranks; the loader treats them as one node",
+                    local, world_size)
+    return world_size
 
 
 def worker_context() -> multiprocessing.context.BaseContext:
@@ -363,8 +456,9 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return ctx
 
 
-def build_loader(cfg, *, rank: int, world_size: int, global_batch_size: int, seed: int) -> StreamingLoader:
-    """The training loader for ``cfg`` (an ``infra.config.DataConfig``)."""
+def build_loader(cfg, *, rank: int, world_size: int, global_batch_size: int, seed: int,
+                 ranks_per_node: int | None = None) -> StreamingLoader:
+    """The training loader for ``cfg`` (an ``infra.config.DataConfig``); ``ranks_per_node`` as in ``node_size``."""
     url = cfg.url
     if not url:
         raise ValueError("data.url is empty: give the dataset's manifest URL (the job driver fills in the digits "
@@ -376,7 +470,8 @@ def build_loader(cfg, *, rank: int, world_size: int, global_batch_size: int, see
     check_shapes(ds.manifest, cfg)
     return ds.loader(rank=rank, world_size=world_size, global_batch_size=global_batch_size, seed=seed,
                      shuffle=cfg.shuffle, shuffle_block_size=cfg.shuffle_block_size, num_workers=cfg.num_workers,
-                     prefetch=cfg.prefetch, read=read)
+                     prefetch=cfg.prefetch, read=read, ranks_per_node=ranks_per_node,
+                     partitions=cfg.partitions or None)
 
 
 def check_shapes(manifest: Manifest, cfg) -> None:

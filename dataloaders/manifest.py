@@ -2,8 +2,10 @@
 
 It is written last, in a single put (or a rename on local disk), so a dataset whose writer died half-way
 has no manifest and cannot be opened. It records the format version, the columns (dtype, shape), every
-shard (relative path, rows, bytes, checksum), the encoder that produced the text columns and the stored
-encoding of the empty caption. Its sha256 fingerprints the dataset in a loader's resume state.
+shard (relative path, rows, bytes, checksum), the encoder that produced the text columns, the stored
+encoding of the empty caption and, since issue 14, the record-batch index (``shards/index.py``; optional,
+so that datasets written before it still read). Its sha256 fingerprints the dataset in a loader's resume
+state.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     url: str = ""  # where it was read from (not stored)
     fingerprint: str = ""  # sha256 of the stored text (not stored)
+    record_batch_index: ShardInfo | None = None  # rows = the number of record batches it lists
 
     @property
     def num_samples(self) -> int:
@@ -77,6 +80,8 @@ class Manifest:
             "empty_condition": shard(self.empty_condition) if self.empty_condition else None,
             "extra": self.extra,
         }
+        if self.record_batch_index is not None:
+            doc["record_batch_index"] = shard(self.record_batch_index)
         return json.dumps(doc, indent=1)
 
 
@@ -106,6 +111,8 @@ def parse_manifest(text: str | bytes, url: str) -> Manifest:
         shards = [_shard(s, url) for s in doc["shards"]]
         empty = doc.get("empty_condition")
         empty_info = _shard(empty, url) if empty else None
+        index = doc.get("record_batch_index")
+        index_info = _shard(index, url) if index else None
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"manifest {url} is malformed: missing or bad key {e}") from None
     names = [c.name for c in columns]
@@ -117,7 +124,8 @@ def parse_manifest(text: str | bytes, url: str) -> Manifest:
         raise ManifestError(f"manifest {url}: num_samples={doc.get('num_samples')} but the shards hold "
                             f"{sum(s.rows for s in shards)} rows")
     fingerprint = hashlib.sha256(text if isinstance(text, bytes) else text.encode()).hexdigest()
-    return Manifest(columns, shards, doc.get("text_encoder") or {}, empty_info, doc.get("extra") or {}, url, fingerprint)
+    return Manifest(columns, shards, doc.get("text_encoder") or {}, empty_info, doc.get("extra") or {}, url, fingerprint,
+                    index_info)
 
 
 def checksum(data: bytes, algorithm: str = DEFAULT_CHECKSUM) -> str:

@@ -74,15 +74,15 @@ def ensure_digits(directory: str | Path) -> str:
 
 def write_synthetic(out: str, *, samples: int, resolution: int = 256, text_tokens: int = 154,
                     context_dim: int = 4096, pooled_dim: int = 2048, latent_channels: int = 16,
-                    shard_rows: int = 64, seed: int = 0, storage_options: dict | None = None,
-                    progress: bool = False) -> str:
+                    shard_rows: int = 64, batch_rows: int | None = None, seed: int = 0,
+                    storage_options: dict | None = None, progress: bool = False) -> str:
     """Random bf16 samples with SD3's shapes (about 0.94 MiB each at 256² with 77 text tokens)."""
     if resolution % 8:
         raise ValueError(f"--resolution must be a multiple of 8 (the VAE's downsampling), got {resolution}")
     g = torch.Generator().manual_seed(seed)
     side = resolution // 8
     chunk = max(1, min(shard_rows, samples))
-    with DatasetWriter(out, shard_rows=shard_rows, storage_options=storage_options,
+    with DatasetWriter(out, shard_rows=shard_rows, batch_rows=batch_rows, storage_options=storage_options,
                        text_encoder={"name": "synthetic", "settings": {"seed": seed}},
                        progress=samples if progress else False,
                        extra={"source": "synthetic", "resolution": resolution}) as w:

@@ -99,6 +99,27 @@ def read_buffer(fs: fsspec.AbstractFileSystem, path: str, url: str, retries: int
     return read_bytes(fs, path, url, retries)
 
 
+def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int, url: str,
+               retries: int) -> bytes | pa.Buffer:
+    """Bytes [start, end) of an object (one ranged GET), fewer if the object is shorter: the caller compares
+    the length with what it expected. A local file is memory-mapped."""
+    if is_local(fs):
+        def local() -> pa.Buffer:
+            mapped = pa.memory_map(path, "r")
+            mapped.seek(min(start, mapped.size()))
+            return mapped.read_buffer(max(0, end - start))
+        return with_retries(local, url, retries)
+
+    def ranged() -> bytes:
+        try:
+            return fs.cat_file(path, start=start, end=end)
+        except OSError as e:  # 416: the object ends before `start`
+            if "range is not satisfiable" in str(e).lower() or "InvalidRange" in str(e):
+                return b""
+            raise
+    return with_retries(ranged, url, retries)
+
+
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     return tuple(fs.protocol) if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
 

@@ -6,15 +6,19 @@ Usage::
         w.set_empty_condition(tokens, pooled)
         w.write({"sample_id": ids, "latent": x, "text_tokens": t, "text_pooled": p, "caption": caps})
 
-Columns are fixed by the first ``write`` (dtype and per-sample shape; bf16 is kept as bf16). Shard names
-carry a random token of this writer, so rewriting a dataset in place never touches the shards the old
-manifest points at; the manifest goes last, so an interrupted write leaves the old dataset (or nothing)
-readable, never a half-written one.
+Columns are fixed by the first ``write`` (dtype and per-sample shape; bf16 is kept as bf16). A shard is
+written as record batches of ``batch_rows`` rows (about 8 MiB each by default, the size S3 serves best per
+ranged GET); their byte ranges and CRC32s go to the record-batch index (``shards/index.py``), so a reader
+can fetch and verify one batch without the rest of the shard. Shard names carry a random token of this
+writer, so rewriting a dataset in place never touches the shards the old manifest points at; the index and
+then the manifest go last, so an interrupted write leaves the old dataset (or nothing) readable, never a
+half-written one.
 """
 
 from __future__ import annotations
 
 import secrets
+import zlib
 from typing import Any, Mapping
 
 import numpy as np
@@ -24,39 +28,61 @@ from tqdm import tqdm
 from dataloaders import storage
 from dataloaders.columns import ColumnSpec, infer_spec, schema_of, to_arrow
 from dataloaders.manifest import DEFAULT_CHECKSUM, Manifest, ShardInfo, checksum, manifest_root, manifest_url
+from dataloaders.shards.index import BatchRange, encode_index
 
 REQUIRED = ("sample_id", "latent", "text_tokens", "text_pooled", "caption")
+BATCH_BYTES = 8 << 20  # default record-batch size: S3's advice is 8-16 MB per ranged GET
 
 
-def encode_shard(specs: list[ColumnSpec], columns: Mapping[str, Any]) -> bytes:
-    """One shard's bytes: a single-record-batch Arrow IPC file (one contiguous buffer per column)."""
+def encode_shard(specs: list[ColumnSpec], columns: Mapping[str, Any],
+                 batch_rows: int | None = None) -> tuple[bytes, list[BatchRange]]:
+    """One shard's bytes, an Arrow IPC file of record batches of ``batch_rows`` rows (default: about
+    ``BATCH_BYTES`` each), and where each batch's IPC message lies in it."""
     schema = schema_of(specs)
-    batch = pa.record_batch([to_arrow(s, columns[s.name]) for s in specs], schema=schema)
+    whole = pa.record_batch([to_arrow(s, columns[s.name]) for s in specs], schema=schema)
+    if batch_rows is None:
+        batch_rows = max(1, BATCH_BYTES * whole.num_rows // max(1, whole.nbytes))
     sink = pa.BufferOutputStream()
+    ends = []
     with pa.ipc.new_file(sink, schema) as writer:
-        writer.write_batch(batch)
-    return sink.getvalue().to_pybytes()
+        for start in range(0, whole.num_rows, batch_rows):
+            writer.write_batch(whole.slice(start, batch_rows))
+            ends.append(sink.tell())
+    data = sink.getvalue().to_pybytes()
+    # The file writer emits the magic (8 bytes) and the schema message with the first batch.
+    starts = [8 + schema.serialize().size] + ends[:-1]
+    view = memoryview(data)
+    ranges = [BatchRange(a, b - a, min(batch_rows, whole.num_rows - i * batch_rows), zlib.crc32(view[a:b]))
+              for i, (a, b) in enumerate(zip(starts, ends))]
+    for r in ranges:  # the index must describe what a reader will find: check it here, once
+        rows = pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(data)[r.offset:r.offset + r.length]),
+                                        schema).num_rows
+        if rows != r.rows:
+            raise AssertionError(f"record batch at byte {r.offset} decodes to {rows} rows, expected {r.rows}")
+    return data, ranges
 
 
 class DatasetWriter:
     """Buffers samples, flushes shards of ``shard_rows`` rows, writes the manifest on ``close``."""
 
-    def __init__(self, url: str, *, shard_rows: int = 1024, storage_options: dict | None = None,
-                 text_encoder: dict | None = None, extra: dict | None = None,
+    def __init__(self, url: str, *, shard_rows: int = 1024, batch_rows: int | None = None,
+                 storage_options: dict | None = None, text_encoder: dict | None = None, extra: dict | None = None,
                  require_columns: tuple[str, ...] = REQUIRED, progress: bool | int = False,
                  checksum: str = DEFAULT_CHECKSUM):
-        if shard_rows < 1:
-            raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+        if shard_rows < 1 or (batch_rows is not None and batch_rows < 1):
+            raise ValueError(f"shard_rows and batch_rows must be >= 1, got {shard_rows} and {batch_rows}")
         self.url = manifest_url(url)
         self.root = manifest_root(url)
         self.fs, self._root_path = storage.filesystem(self.root, storage_options)
         self.shard_rows = shard_rows
+        self.batch_rows = batch_rows
         self.checksum = checksum
         self.text_encoder = text_encoder or {}
         self.extra = extra or {}
         self.require_columns = require_columns
         self.specs: list[ColumnSpec] | None = None
         self.shards: list[ShardInfo] = []
+        self.batch_ranges: list[list[BatchRange]] = []  # per shard
         self.empty_condition: ShardInfo | None = None
         self._token = secrets.token_hex(4)
         self._pending: dict[str, list] = {}
@@ -92,7 +118,7 @@ class DatasetWriter:
     def set_empty_condition(self, text_tokens: Any, text_pooled: Any) -> None:
         """Store the encoding of the empty caption "" ((L, C) tokens, (C,) pooled) with the dataset."""
         specs = [infer_spec("text_tokens", text_tokens[None]), infer_spec("text_pooled", text_pooled[None])]
-        data = encode_shard(specs, {"text_tokens": text_tokens[None], "text_pooled": text_pooled[None]})
+        data, _ = encode_shard(specs, {"text_tokens": text_tokens[None], "text_pooled": text_pooled[None]})
         self.empty_condition = self._put(f"empty_condition-{self._token}.arrow", data, rows=1)
 
     # ---------------------------------------------------------------------------------------- output
@@ -111,7 +137,8 @@ class DatasetWriter:
         return out
 
     def _flush(self, rows: int) -> None:
-        data = encode_shard(self.specs, self._take(rows))
+        data, ranges = encode_shard(self.specs, self._take(rows), self.batch_rows)
+        self.batch_ranges.append(ranges)
         self.shards.append(self._put(f"shards/{self._token}-{len(self.shards):06d}.arrow", data, rows))
 
     def _put(self, relative: str, data: bytes, rows: int) -> ShardInfo:
@@ -126,7 +153,10 @@ class DatasetWriter:
             self._flush(self._pending_rows)
         if not self.shards:
             raise ValueError(f"dataset {self.url}: no samples were written")
-        manifest = Manifest(self.specs, self.shards, self.text_encoder, self.empty_condition, self.extra, self.url)
+        index = self._put(f"record_batches-{self._token}.arrow", encode_index(self.batch_ranges),
+                          rows=sum(map(len, self.batch_ranges)))
+        manifest = Manifest(self.specs, self.shards, self.text_encoder, self.empty_condition, self.extra, self.url,
+                            record_batch_index=index)
         storage.write_bytes_atomic(self.fs, storage.join(self._root_path, self.url.rsplit("/", 1)[1]),
                                    manifest.to_json().encode())
         self._closed = True

@@ -123,7 +123,11 @@ class DataConfig(Section):
     latent_size: int = Field(32, ge=1, description="latent side (H = W) fed to the model")
     text_tokens: int = Field(154, ge=1, description="text sequence length (77 CLIP + 77 T5 in SD3)")
     shuffle: bool = Field(True, description="deterministic shard + block shuffling, seeded by seed and epoch")
-    shuffle_block_size: int = Field(4096, ge=1, description="samples per shuffle block")
+    shuffle_block_size: int = Field(4096, ge=1, description="samples per shuffle block of each partition")
+    partitions: int = Field(
+        0, ge=0, description="fixed data partitions (0 = the first run's node count); a node reads 1/nodes of the "
+                             "data per epoch when its node count divides this, so set it to allow other node counts"
+    )
     num_workers: int = Field(2, ge=0, description="loader worker processes per rank (forkserver; 0 = fetch threads only)")
     prefetch: int = Field(4, ge=0, description="batches prefetched per worker")
     cache_dir: str = Field("", description="local shard cache directory; empty disables the cache")

@@ -1,109 +1,262 @@
-"""Fetch a shard, prove it is the one the manifest describes, and decode it without copies.
+"""Fetch record batches, prove each is the one the index describes, and decode it without copies.
 
-A shard is fetched whole (one GET), so its size and checksum can be checked against the manifest before a
-single row is used: a truncated upload, a flipped bit or a stale object is caught here, not in the loss
-curve. A mismatch is retried once from storage (the copy in flight, or in the local cache, may be the bad
-one) before the shard is declared corrupt. The decoded columns are numpy views of the fetched buffer.
+With a record-batch index (``shards/index.py``) a reader fetches only the batches it needs: the ranges of
+the batches asked for together are coalesced where they touch (``fsspec.utils.merge_offset_ranges``, up to
+``MAX_GET_BYTES`` per GET) and fetched with ranged GETs. Each batch's length and CRC32 are checked against
+the index, and it is decoded on its own (``pyarrow.ipc.read_message`` + ``read_record_batch`` with the
+manifest's schema). The GET for a shard's last batch runs to the end of the object, so a truncated upload
+is caught even where only the footer is missing. Without an index (datasets written before it) every
+shard is one "record batch": fetched whole, checked against the manifest's size and checksum.
+
+A mismatch is retried once from storage (the copy in flight, or in the cache, may be the bad one). If it
+persists, the whole shard is fetched once to say what is wrong: a shard whose columns differ from the
+manifest raises ``SchemaMismatchError``, anything else ``CorruptShardError``, naming the shard URL and the
+batch index. Such an error is returned for that batch only, so its neighbours still read and the loader's
+``on_corrupt`` policy decides. Decoded columns are numpy views of the fetched (or memory-mapped) buffer.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import zlib
+from collections import Counter
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
+from fsspec.utils import merge_offset_ranges
 
 from dataloaders import storage
-from dataloaders.cache import ShardCache
-from dataloaders.columns import ColumnSpec, column_numpy
-from dataloaders.errors import CorruptShardError, SchemaMismatchError
+from dataloaders.cache import BatchCache
+from dataloaders.columns import ColumnSpec, column_numpy, schema_of
+from dataloaders.errors import CorruptShardError, DataError, SchemaMismatchError
 from dataloaders.manifest import Manifest, ShardInfo, checksum_matches
+from dataloaders.shards.index import RecordBatchIndex
 
 log = logging.getLogger(__name__)
+MAX_GET_BYTES = 16 << 20  # coalesce adjacent record batches up to this many bytes per GET
 
 
 @dataclass
-class DecodedShard:
-    info: ShardInfo
+class DecodedBatch:
     columns: dict[str, np.ndarray | list[str]]  # name -> (rows, *shape) in storage dtype, or strings
-
-    @property
-    def nbytes(self) -> int:
-        return self.info.bytes
 
 
 class ShardReader:
-    """Reads the shards of one dataset in one process (it owns that process's filesystem)."""
+    """Reads the record batches of one dataset in one process (it owns that process's filesystem)."""
 
-    def __init__(self, manifest: Manifest, storage_options: dict | None = None, retries: int = 5,
-                 timeout_s: float = storage.DEFAULT_TIMEOUT_S, cache: ShardCache | None = None,
+    def __init__(self, manifest: Manifest, index: RecordBatchIndex | None = None, storage_options: dict | None = None,
+                 retries: int = 5, timeout_s: float = storage.DEFAULT_TIMEOUT_S, cache: BatchCache | None = None,
                  verify: bool = True):
         self.manifest = manifest
+        self.index = index if index is not None else RecordBatchIndex.of_whole_shards(manifest)
+        self.schema = schema_of(manifest.columns)
         self.fs, self.root = storage.filesystem(manifest.root, storage_options, timeout_s)
         self.retries = retries
         self.cache = cache
         self.verify = verify
-        self.bytes_fetched = 0  # from storage, not from the cache
+        # bytes and GETs from storage, record batches served by the cache (own or waited for)
+        self.counters: Counter = Counter()
+        self._lock = threading.Lock()
 
     def url_of(self, info: ShardInfo) -> str:
         return storage.join(self.manifest.root, info.path)
 
-    def fetch(self, info: ShardInfo) -> bytes | pa.Buffer:
-        """The verified bytes of a shard, from the cache when it holds a good copy."""
-        url = self.url_of(info)
-        data = self.cache.get(info.path) if self.cache else None
-        from_cache = data is not None
-        for attempt in range(2):
-            if data is None:
-                data = storage.read_buffer(self.fs, storage.join(self.root, info.path), url, self.retries)
-                self.bytes_fetched += len(data)
-                from_cache = False
-            problem = self._check(info, data)
-            if problem is None:
-                if self.cache is not None and not from_cache:
-                    self.cache.put(info.path, data)
-                return data
-            log.warning("shard %s: %s (%s); fetching it again", url, problem, "cached copy" if from_cache else
-                        f"attempt {attempt + 1}")
-            data = None
-        raise CorruptShardError(f"shard {url} is corrupt: {problem}; rewrite the dataset or set "
-                                f"data.on_corrupt=skip to skip its {info.rows} samples")
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            self.counters.update(deltas)
 
-    def _check(self, info: ShardInfo, data: bytes | pa.Buffer) -> str | None:
-        if len(data) != info.bytes:
-            return f"{len(data)} bytes, the manifest says {info.bytes} (truncated or replaced)"
-        if self.verify and not checksum_matches(data, info.checksum):
-            return f"checksum differs from the manifest's {info.checksum} (bit rot or a replaced object)"
+    def take_counters(self) -> Counter:
+        """The counters since the last call (and reset them)."""
+        with self._lock:
+            out, self.counters = self.counters, Counter()
+        return out
+
+    # ------------------------------------------------------------------------------------ record batches
+    def read_batches(self, ids: Sequence[int]) -> dict[int, DecodedBatch | DataError]:
+        """Fetch, verify and decode record batches (ids into the index), through the node cache if any.
+        A batch that stays corrupt maps to its error; storage failures raise."""
+        found: dict[int, bytes | pa.Buffer | DataError] = {}
+        missing = []
+        for i in ids:
+            data = self.cache.get(i) if self.cache else None
+            if data is not None and self._problem(i, data, short=False) is None:
+                found[i] = data
+                self._count(cache_hits=1)
+            else:
+                if data is not None:
+                    log.warning("cached copy of %s is bad; fetching it again", self._where(i))
+                    self.cache.discard(i)
+                missing.append(i)
+        mine = [i for i in missing if self.cache.claim(i)] if self.cache else missing
+        theirs = [i for i in missing if i not in set(mine)]
+        try:
+            found.update(self._fetch_verified(mine))
+        finally:
+            for i in mine:
+                if self.cache is None:
+                    continue
+                if isinstance(found.get(i), DataError) or i not in found:
+                    self.cache.release(i)
+                else:
+                    self.cache.put(i, found[i])
+        for i in theirs:
+            data = self.cache.wait(i)
+            if data is not None and self._problem(i, data, short=False) is None:
+                found[i] = data
+                self._count(cache_waits=1)
+            else:  # its claimant gave up or died: fetch it here (and share it if it is good)
+                found.update(self._fetch_verified([i]))
+                if not isinstance(found[i], DataError):
+                    self.cache.put(i, found[i])
+        return {i: found[i] if isinstance(found[i], DataError) else self._decode(i, found[i]) for i in ids}
+
+    def _fetch_verified(self, ids: list[int]) -> dict[int, bytes | pa.Buffer | DataError]:
+        out: dict[int, bytes | pa.Buffer | DataError] = {}
+        first = self._fetch(ids)
+        for i in ids:
+            data, short = first[i]
+            problem = self._problem(i, data, short)
+            if problem is not None:
+                log.warning("%s: %s; fetching it again", self._where(i), problem)
+                data, short = self._fetch([i])[i]
+                problem = self._problem(i, data, short)
+            out[i] = data if problem is None else self._diagnose(i, problem)
+        return out
+
+    def _fetch(self, ids: list[int]) -> dict[int, tuple[bytes | pa.Buffer, bool]]:
+        """Each batch's bytes from storage, and whether its shard's object ended early."""
+        ix = self.index
+        if not ids:
+            return {}
+        if ix.whole_shards:
+            out = {}
+            for i in ids:
+                info = self.manifest.shards[int(ix.shard[i])]
+                data = storage.read_buffer(self.fs, storage.join(self.root, info.path), self.url_of(info), self.retries)
+                self._count(bytes_fetched=len(data), get_requests=1)
+                out[i] = (data, False)
+            return out
+        ids = sorted(ids, key=lambda i: (ix.shard[i], ix.offset[i]))
+        paths = [self.manifest.shards[int(ix.shard[i])].path for i in ids]
+        starts = [int(ix.offset[i]) for i in ids]
+        # The last batch of a shard is read to the object's end, so that a truncated object shows.
+        ends = [self.manifest.shards[int(ix.shard[i])].bytes if ix.last[i] else int(ix.offset[i] + ix.length[i])
+                for i in ids]
+        out = {}
+        for path, start, end in zip(*merge_offset_ranges(paths, starts, ends, max_gap=0, max_block=MAX_GET_BYTES)):
+            blob = storage.read_range(self.fs, storage.join(self.root, path), start, end,
+                                      storage.join(self.manifest.root, path), self.retries)
+            self._count(bytes_fetched=len(blob), get_requests=1)
+            buffer = blob if isinstance(blob, pa.Buffer) else pa.py_buffer(blob)
+            for i, p, s in zip(ids, paths, starts):
+                if p == path and start <= s < end:
+                    length = int(ix.length[i])
+                    piece = buffer[s - start:s - start + length]
+                    out[i] = (piece, bool(ix.last[i]) and len(blob) < end - start)
+        return out
+
+    def _where(self, i: int) -> str:
+        info = self.manifest.shards[int(self.index.shard[i])]
+        if self.index.whole_shards:
+            return f"shard {self.url_of(info)}"
+        return f"shard {self.url_of(info)} record batch {int(self.index.batch[i])}"
+
+    def _problem(self, i: int, data: bytes | pa.Buffer, short: bool) -> str | None:
+        ix = self.index
+        info = self.manifest.shards[int(ix.shard[i])]
+        if ix.whole_shards:
+            if len(data) != info.bytes:
+                return f"{len(data)} bytes, the manifest says {info.bytes} (truncated or replaced)"
+            if self.verify and not checksum_matches(data, info.checksum):
+                return f"checksum differs from the manifest's {info.checksum} (bit rot or a replaced object)"
+            return None
+        if len(data) != ix.length[i] or short:
+            return (f"record batch {int(ix.batch[i])} ({len(data)} of its {int(ix.length[i])} bytes; the object is "
+                    f"shorter than the manifest's {info.bytes}): truncated or replaced")
+        if self.verify and zlib.crc32(data) != ix.crc32[i]:
+            return (f"checksum differs from the index's crc32:{int(ix.crc32[i]):08x} in record batch "
+                    f"{int(ix.batch[i])} (bit rot or a replaced object)")
         return None
 
-    def read(self, info: ShardInfo, specs: list[ColumnSpec] | None = None) -> DecodedShard:
-        """Fetch, verify and decode a shard; columns checked against ``specs`` (default: the manifest's)."""
-        specs = self.manifest.columns if specs is None else specs
-        data = self.fetch(info)
-        return decode(data, info, specs, self.url_of(info))
+    def _diagnose(self, i: int, problem: str) -> DataError:
+        """The error for a batch that stayed bad: a schema mismatch if the whole shard shows one."""
+        info = self.manifest.shards[int(self.index.shard[i])]
+        url = self.url_of(info)
+        if not self.index.whole_shards:
+            try:
+                whole = storage.read_buffer(self.fs, storage.join(self.root, info.path), url, self.retries)
+                check_schema(pa.ipc.open_file(pa.py_buffer(whole) if isinstance(whole, bytes) else whole).schema,
+                             self.manifest.columns, url)
+            except SchemaMismatchError as e:
+                return e
+            except (pa.ArrowInvalid, DataError):
+                pass
+        rows = int(self.index.rows[i])
+        return CorruptShardError(f"shard {url} is corrupt: {problem}; rewrite the dataset or set "
+                                 f"data.on_corrupt=skip to skip its {rows} samples")
+
+    def _decode(self, i: int, data: bytes | pa.Buffer) -> DecodedBatch | DataError:
+        ix = self.index
+        info = self.manifest.shards[int(ix.shard[i])]
+        url = self.url_of(info)
+        buffer = pa.py_buffer(data) if isinstance(data, bytes) else data
+        try:
+            if ix.whole_shards:
+                return decode(buffer, info, self.manifest.columns, url)
+            batch = pa.ipc.read_record_batch(pa.ipc.read_message(buffer), self.schema)
+        except pa.ArrowInvalid as e:
+            return self._diagnose(i, f"record batch {int(ix.batch[i])} is not a readable Arrow IPC message ({e})")
+        except DataError as e:
+            return e
+        if batch.num_rows != ix.rows[i]:
+            return self._diagnose(i, f"record batch {int(ix.batch[i])} has {batch.num_rows} rows, the index says "
+                                     f"{int(ix.rows[i])}")
+        return DecodedBatch({s.name: column_numpy(s, batch.column(k)) for k, s in enumerate(self.manifest.columns)})
+
+    # ------------------------------------------------------------------------------------ whole files
+    def read(self, info: ShardInfo, specs: list[ColumnSpec] | None = None) -> DecodedBatch:
+        """Fetch, verify and decode a whole Arrow file (the empty condition); ``specs`` default: the manifest's."""
+        url = self.url_of(info)
+        for attempt in range(2):
+            data = storage.read_buffer(self.fs, storage.join(self.root, info.path), url, self.retries)
+            self._count(bytes_fetched=len(data), get_requests=1)
+            problem = (f"{len(data)} bytes, the manifest says {info.bytes} (truncated or replaced)"
+                       if len(data) != info.bytes else
+                       "checksum differs from the manifest's" if self.verify and not checksum_matches(data, info.checksum)
+                       else None)
+            if problem is None:
+                return decode(data, info, self.manifest.columns if specs is None else specs, url)
+            log.warning("%s: %s (attempt %d)", url, problem, attempt + 1)
+        raise CorruptShardError(f"file {url} is corrupt: {problem}")
 
 
-def decode(data: bytes | pa.Buffer, info: ShardInfo, specs: list[ColumnSpec], url: str) -> DecodedShard:
+def decode(data: bytes | pa.Buffer, info: ShardInfo, specs: list[ColumnSpec], url: str) -> DecodedBatch:
+    """A whole Arrow IPC file (all its record batches) as columns, checked against ``specs``."""
     try:
         table = pa.ipc.open_file(data if isinstance(data, pa.Buffer) else pa.py_buffer(data)).read_all()
     except pa.ArrowInvalid as e:
         raise CorruptShardError(f"shard {url} is not a readable Arrow IPC file: {e}") from None
     if table.num_rows != info.rows:
         raise CorruptShardError(f"shard {url} has {table.num_rows} rows, the manifest says {info.rows}")
-    columns = {}
+    check_schema(table.schema, specs, url)
+    return DecodedBatch({spec.name: column_numpy(spec, table.column(spec.name)) for spec in specs})
+
+
+def check_schema(schema: pa.Schema, specs: list[ColumnSpec], url: str) -> None:
+    """Every column of ``specs`` is in ``schema`` with the manifest's type and metadata."""
     for spec in specs:
-        if spec.name not in table.column_names:
-            raise SchemaMismatchError(f"shard {url} lacks column '{spec.name}' (it has {table.column_names})")
+        if spec.name not in schema.names:
+            raise SchemaMismatchError(f"shard {url} lacks column '{spec.name}' (it has {schema.names})")
         want = spec.arrow_field()
-        got = table.schema.field(spec.name)
+        got = schema.field(spec.name)
         if got.type != want.type or (got.metadata or {}).get(b"flowscale") != want.metadata[b"flowscale"]:
             raise SchemaMismatchError(
                 f"shard {url} column '{spec.name}' is {got.type} {_describe(got)}, the manifest says "
                 f"{spec.kind} {spec.dtype}{list(spec.shape)}"
             )
-        columns[spec.name] = column_numpy(spec, table.column(spec.name))
-    return DecodedShard(info, columns)
 
 
 def _describe(field: pa.Field) -> str:

@@ -28,9 +28,11 @@ def small_columns(ids) -> dict:
     }
 
 
-def write_small(url: str, n: int = 300, shard_rows: int = 32, storage_options: dict | None = None) -> str:
-    """A tiny dataset of ``small_columns(range(n))``."""
-    with DatasetWriter(url, shard_rows=shard_rows, storage_options=storage_options,
+def write_small(url: str, n: int = 300, shard_rows: int = 32, storage_options: dict | None = None,
+                batch_rows: int | None = None) -> str:
+    """A tiny dataset of ``small_columns(range(n))``. Its rows are small, so by default each shard is one
+    record batch; ``batch_rows`` makes several."""
+    with DatasetWriter(url, shard_rows=shard_rows, batch_rows=batch_rows, storage_options=storage_options,
                        text_encoder={"name": "demo", "settings": {"tokens": 3, "width": 4}}) as w:
         w.set_empty_condition(torch.zeros(3, 4, dtype=torch.bfloat16), torch.ones(4, dtype=torch.bfloat16))
         w.write(small_columns(np.arange(n)))
@@ -52,6 +54,25 @@ def assert_rows_match_ids(batch: dict) -> None:
         else:
             wrong = [i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b]
         assert not wrong, f"column {name} does not belong to sample_id {ids[wrong].tolist()[:10]} (rows {wrong[:10]})"
+
+
+def run_ranks(loaders: list, batches: int, state: dict | None = None) -> tuple[list[int], dict]:
+    """Step every rank's loader (one per rank, in rank order) `batches` times, after loading `state` if given;
+    the global sample sequence (rank slices side by side) and the final state, which all ranks must share."""
+    if state is not None:
+        for loader in loaders:
+            loader.load_state_dict(state)
+    streams = [iter(loader) for loader in loaders]
+    ids = []
+    for _ in range(batches):
+        for batch in (next(s) for s in streams):
+            assert_rows_match_ids(batch)
+            ids.extend(batch["sample_id"].tolist())
+    states = [loader.state_dict() for loader in loaders]
+    for loader in loaders:
+        loader.close()
+    assert all(s == states[0] for s in states), "ranks disagree on the loader state"
+    return ids, states[0]
 
 
 @pytest.fixture

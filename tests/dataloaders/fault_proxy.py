@@ -87,8 +87,12 @@ class FaultProxy:
     def handle(self, req: BaseHTTPRequestHandler) -> None:
         body = req.rfile.read(int(req.headers.get("Content-Length") or 0))
         fault = self._next_fault()
+        if fault == "stall":  # the client meets it at once (no answer comes), whenever the sleep ends
+            self._served(fault)
+            self._fail(req, fault)
+            return
         try:
-            if fault in ("error", "reset", "stall"):
+            if fault in ("error", "reset"):
                 self._fail(req, fault)
             else:
                 fault = "truncate" if self._forward(req, body, fault) else None

@@ -1,16 +1,11 @@
-"""The global order: a permutation per epoch, independent of ranks, measurably well mixed, and exactly what
-the loader delivers."""
+"""The global order: a permutation per epoch, independent of ranks, fixed partitions, and measurably well mixed."""
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
-import torch
+import pytest
 
-from dataloaders import open_dataset
-from dataloaders.sampler.order import GlobalOrder, shuffle_quality
-from tests.dataloaders.conftest import assert_rows_match_ids, write_small
+from dataloaders.sampler.order import GlobalOrder, shards_per_batch, shuffle_quality
 
 SHARDS = [64] * 40 + [17]  # 2,577 samples
 
@@ -59,16 +54,41 @@ def test_larger_blocks_mix_better():
     assert quality == sorted(quality) and quality[-1] > 0.9
 
 
-def test_loader_delivers_the_global_order_row_by_row(tmp_path):
-    """The small dataset's sample_id is its stored position, so the loader's ids must be the order's
-    sequence itself (across an epoch boundary), with every column of each row belonging to its id."""
-    url = write_small(str(tmp_path / "ds"), n=150, shard_rows=32)
-    ds = open_dataset(url)
-    order = GlobalOrder([shard.rows for shard in ds.manifest.shards], seed=11, block_size=48)
-    starts = np.concatenate([[0], np.cumsum(order.shard_rows)[:-1]])
-    expected = np.concatenate([starts[shards] + rows for shards, rows in map(order.epoch_sequence, (0, 1))])
-    loader = ds.loader(rank=0, world_size=1, global_batch_size=40, seed=11, shuffle_block_size=48)
-    batches = list(itertools.islice(loader, 6))  # 240 samples: the epoch, then 90 of the next
-    for batch in batches:
-        assert_rows_match_ids(batch)
-    assert torch.cat([b["sample_id"] for b in batches]).tolist() == expected[:240].tolist()
+# Record batches: 16 shards of 64 rows in batches of 8, the last shard short (1,000 samples, as in issue 14).
+BATCH_ROWS = [8] * (15 * 8) + [8] * 5
+BATCH_SHARDS = np.repeat(np.arange(16), [8] * 15 + [5])
+
+
+def partitioned(partitions: int, seed: int = 0, block: int = 256, batch: int = 32) -> GlobalOrder:
+    return GlobalOrder(BATCH_ROWS, seed, block_size=block, batch_shards=BATCH_SHARDS, partitions=partitions,
+                       global_batch_size=batch)
+
+
+def test_partitions_are_spans_of_nearly_equal_rows_fixed_by_the_seed():
+    order = partitioned(4)
+    assert sorted(np.concatenate(order.members).tolist()) == list(range(len(BATCH_ROWS)))
+    assert order.partition_rows.max() - order.partition_rows.min() <= 8  # within one record batch
+    for members in order.members:  # contiguous spans of shards: few shards are split between two partitions
+        assert len(np.unique(BATCH_SHARDS[members])) <= 16 // 4 + 2
+    assert all(np.array_equal(a, b) for a, b in zip(order.members, partitioned(4).members))
+    assert not all(np.array_equal(a, b) for a, b in zip(order.members, partitioned(4, seed=1).members))
+
+
+@pytest.mark.parametrize("partitions", [1, 2, 4, 8])
+def test_every_pass_of_a_partition_is_a_permutation_of_its_samples(partitions):
+    order = partitioned(partitions)
+    for p, members in enumerate(order.members):
+        positions = np.flatnonzero(order.pass_position(np.arange(2 * order.num_samples))[0] == p)
+        _, batches, rows = order.locate(0, 2 * order.num_samples)
+        for epoch in range(2):
+            mine = positions[epoch * order.span:(epoch + 1) * order.span]
+            got = set(zip(batches[mine].tolist(), rows[mine].tolist()))
+            assert got == {(b, r) for b in members.tolist() for r in range(8)}  # padded passes repeat a few
+
+
+@pytest.mark.parametrize("partitions", [1, 2, 4, 8])
+def test_global_batches_draw_from_more_shards_than_a_uniform_permutation(partitions):
+    order = partitioned(partitions)
+    shards, _ = order.epoch_sequence(0)
+    uniform = np.random.default_rng(0).permutation(np.repeat(np.arange(16), [64] * 15 + [40]))
+    assert shards_per_batch(shards, 32, 16) >= 0.9 > shards_per_batch(uniform, 32, 16)

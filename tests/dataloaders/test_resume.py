@@ -6,10 +6,9 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import torch
 
 from dataloaders import open_dataset
-from tests.dataloaders.conftest import assert_rows_match_ids, write_small
+from tests.dataloaders.conftest import assert_rows_match_ids, run_ranks, write_small
 
 N = 300  # samples per epoch in the small dataset (shards of 32 rows: the last one is short)
 
@@ -20,21 +19,7 @@ def global_ids(url: str, world: int, batches: int, global_batch: int, state=None
     ds = open_dataset(url)
     loaders = [ds.loader(rank=r, world_size=world, global_batch_size=global_batch, seed=seed, shuffle_block_size=block,
                          num_workers=workers, prefetch=2) for r in range(world)]
-    if state is not None:
-        for loader in loaders:
-            loader.load_state_dict(state)
-    streams = [iter(loader) for loader in loaders]
-    ids = []
-    for _ in range(batches):
-        slices = [next(s) for s in streams]
-        for batch in slices:
-            assert_rows_match_ids(batch)
-        ids.extend(torch.cat([batch["sample_id"] for batch in slices]).tolist())  # rank slices in rank order
-    states = [loader.state_dict() for loader in loaders]
-    for loader in loaders:
-        loader.close()
-    assert all(s == states[0] for s in states), "ranks disagree on the loader state"
-    return ids, states[0]
+    return run_ranks(loaders, batches, state)  # every delivered row checked against its sample_id
 
 
 @pytest.fixture(scope="module")
