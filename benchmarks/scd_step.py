@@ -83,6 +83,16 @@ class SplitTimer:
         return timed
 
 
+def scd_with_teacher(cfg, empty: dict, teacher_net: torch.nn.Module, device: torch.device, seed: int = 0):
+    """An sCD recipe whose teacher is ``teacher_net`` in memory (no checkpoint) and its student, initialised
+    with ``seed`` (the student's own init, not the teacher's weights: see ``init_model`` for those)."""
+    scd = SCDRecipe(cfg, empty)
+    student = scd.build_model().to_empty(device=device)
+    student.init_weights(seed)
+    scd.teacher = TrigFlowTeacher(teacher_net, scd.empty_context.to(device), scd.empty_pooled.to(device),
+                                  cfg.distill.sigma_d)
+    return scd, student
+
 
 def main() -> None:
     args = parse_args()
@@ -108,11 +118,7 @@ def main() -> None:
     splits = {}
     for jvp_pass in args.passes:
         run_cfg = load_config(None, overrides + [f"distill.jvp_pass={jvp_pass}"])
-        scd = SCDRecipe(run_cfg, empty)
-        student = scd.build_model().to_empty(device=device)
-        student.init_weights(0)
-        scd.teacher = TrigFlowTeacher(teacher_net, scd.empty_context.to(device), scd.empty_pooled.to(device),
-                                      cfg.distill.sigma_d)
+        scd, student = scd_with_teacher(run_cfg, empty, teacher_net, device)
         splits[jvp_pass] = SplitTimer(device)
         scd.teacher_velocity = splits[jvp_pass].wrap("teacher", scd.teacher_velocity)
         scd.student_passes = splits[jvp_pass].wrap("student", scd.student_passes)

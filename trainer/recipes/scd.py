@@ -3,9 +3,9 @@
 The student is the pretrained MM-DiT in the TrigFlow wrapper plus a log-variance head; it starts from the
 teacher's EMA weights. The frozen teacher is built, sharded and loaded the same way as the student. One
 step: the teacher's guided velocity dx/dtau (or, for sCT, the noise-data pair's own), then the student's
-F^- and its rearranged JVP J, the tangent g, and the with-grad F whose loss pulls F towards F^- + g. By
-default (``distill.jvp_pass``) F^-, J and F come from one pass: the network carries the tangent next to
-its primal (``trainer.models.tangent``), and F^- is F with its gradient stopped.
+with-grad F and its rearranged JVP J, the tangent g, and the loss that pulls F towards F^- + g, where F^- is
+F with its gradient stopped. By default (``distill.jvp_pass``) J and F come from one pass: the network
+carries the tangent next to its primal (``trainer.models.tangent``).
 """
 
 from __future__ import annotations
@@ -245,7 +245,11 @@ class SCDRecipe(Recipe):
         else:
             dxdt = trigflow.sct_velocity(x0, z, tau)
 
-        F, u, F_minus, J = self.student_passes(model, x_in, tau, dxdt, context, pooled, guidance)
+        F, u, J = self.student_passes(model, x_in, tau, dxdt, context, pooled, guidance)
+        # theta^- = stop-grad theta: F^- is the with-grad pass's own value, so F - F^- is exactly zero and the
+        # gradient is the tangent's alone. An F^- from another pass (the fp32 tangent pass under bf16 autocast)
+        # leaves their rounding difference in the loss and biases the gradient (issue 11).
+        F_minus = F.detach()
         r = trigflow.tangent_warmup(self.step, d.tangent_warmup_steps, d.tangent_warmup)
         g = trigflow.scd_tangent(F_minus, J, dxdt, x_tau, tau, sd, r)  # (B, C, H, W), float64
         finite = torch.isfinite(g).flatten(1).all(1)
@@ -272,31 +276,31 @@ class SCDRecipe(Recipe):
         return chosen
 
     def student_passes(self, model: nn.Module, x_in, tau, dxdt, context, pooled, guidance):
-        """(F, u) with grad and (F^-, J) without: the student's value at theta^- = stop-grad theta (no EMA
-        target) and its rearranged JVP along the teacher's dx/dtau.
+        """(F, u) with grad and J without: F's rearranged JVP along the teacher's dx/dtau at theta^- =
+        stop-grad theta (no EMA target).
 
-        fused: one pass; the primal records its graph and is also F^- (same weights, same input), the tangent
-        is computed next to it without grad (rCM's fused step; saves a forward). separate: the tangent pass
-        without grad in fp32 even under bf16 autocast, then the with-grad pass. forward_ad: the tangent pass
-        through ``torch.func.jvp``, then the with-grad pass.
+        fused: one pass; the primal records its graph, the tangent is computed next to it without grad (rCM's
+        fused step; saves a forward). separate: a no-grad tangent pass in fp32 even under bf16 autocast, then
+        the with-grad pass. forward_ad: the tangent pass through ``torch.func.jvp``, then the with-grad pass.
+        The tangent passes' own primal is discarded: F^- is the with-grad F (see ``objective``).
         """
         sd = self.cfg.distill.sigma_d
         how = self.jvp_pass(x_in.device.type)
         if how == "fused":
             F, u, J = model(x_in, tau, context, pooled, guidance, tangents=trigflow.rearranged_tangents(tau, dxdt, sd))
-            return F, u, F.detach(), trigflow.check_tangent(F, J)
+            return F, u, trigflow.check_tangent(F, J)
         with torch.autocast(x_in.device.type, enabled=False):
             if how == "separate":
                 with torch.no_grad():
-                    F_minus, _, J = model(x_in, tau, context, pooled, guidance,
-                                          tangents=trigflow.rearranged_tangents(tau, dxdt, sd))
-                J = trigflow.check_tangent(F_minus, J)
+                    primal, _, J = model(x_in, tau, context, pooled, guidance,
+                                         tangents=trigflow.rearranged_tangents(tau, dxdt, sd))
+                J = trigflow.check_tangent(primal, J)
             else:
-                F_minus, J = trigflow.rearranged_jvp(
+                _, J = trigflow.rearranged_jvp(
                     lambda x, t: model(x, t, context, pooled, guidance)[0], x_in, tau, dxdt, sd
                 )
         F, u = model(x_in, tau, context, pooled, guidance)  # under the loop's autocast
-        return F, u, F_minus, J
+        return F, u, J
 
     def teacher_velocity(self, x_tau, tau, context, pooled, w) -> torch.Tensor:
         if self.teacher is None:
