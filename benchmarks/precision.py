@@ -6,11 +6,12 @@ error of the loss, and the relative L2 error and cosine similarity of the gradie
 (all its parameters concatenated; sCD's log-variance head left out) and of its joint blocks alone (see
 ``fidelity``): worst and median over ``--seeds`` seeds. The sizes are SD3-like where precision depends on
 them (16 latent channels, 64x64 latents, patch 2: 1024 image tokens) and small elsewhere (depth, width,
-text), so that it runs on a CPU. sCD rows use ``distill.tangent_warmup=none`` (r = 1: the JVP term in full)
-and both weightings: ``fixed`` is the plain consistency error, whose gradient is the tangent's alone;
-``adaptive`` adds the learned log-variance u.
+text), so that it runs on a CPU. sCD rows use ``distill.tangent_warmup=none`` (r = 1: the JVP term in full),
+both weightings (``fixed`` is the plain consistency error, whose gradient is the tangent's alone;
+``adaptive`` adds the learned log-variance u) and each ``distill.tangent_precision`` (TF32 only on CUDA: on
+a CPU it is fp32).
 
-    python benchmarks/precision.py                       # CPU, bf16 emulated; ~5 minutes on 2 cores
+    python benchmarks/precision.py                       # CPU, bf16 emulated; ~10 minutes on 2 cores
     python benchmarks/precision.py --device cuda --seeds 5
 
 Plain Python, no Ray or MLflow.
@@ -38,6 +39,7 @@ from trainer.rng import RankStreams  # noqa: E402
 
 PASSES = ("fused", "separate", "forward_ad")
 WEIGHTINGS = ("fixed", "adaptive")
+PRECISIONS = ("fp32", "tf32", "bf16")  # distill.tangent_precision; tf32 is fp32 off CUDA
 
 
 def sizes(latent: int = 64, depth: int = 2, head_dim: int = 32, text_tokens: int = 8, text_dim: int = 32) -> list[str]:
@@ -118,13 +120,15 @@ def bf16_against_fp32(recipe: str, overrides: list[str], device: torch.device, s
     return fidelity(loss, grads, ref_loss, ref_grads)
 
 
-def configurations(passes=PASSES, weightings=WEIGHTINGS) -> list[tuple[str, str, list[str]]]:
+def configurations(passes=PASSES, weightings=WEIGHTINGS, precisions=PRECISIONS) -> list[tuple[str, str, list[str]]]:
     """(recipe, row label, extra overrides) of every row of the table."""
     rows = [("rectified_flow", "rectified flow", [])]
     for jvp_pass in passes:
         for weighting in weightings:
-            rows.append(("scd", f"sCD {jvp_pass}, {weighting}",
-                         [f"distill.jvp_pass={jvp_pass}", f"distill.weighting={weighting}"]))
+            for precision in precisions:
+                rows.append(("scd", f"sCD {jvp_pass}, {weighting}, tangent {precision}",
+                             [f"distill.jvp_pass={jvp_pass}", f"distill.weighting={weighting}",
+                              f"distill.tangent_precision={precision}"]))
     return rows
 
 
@@ -146,7 +150,7 @@ def measure(device: torch.device, size: list[str], seeds: int, batch: int, rows=
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| recipe, pass, weighting | loss error, relative / absolute | gradient error, network "
+    lines = ["| recipe, JVP pass, weighting, tangent | loss error, relative / absolute | gradient error, network "
              "| gradient error, joint blocks | cosine, network / joint blocks |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['row']} | {r['loss_err_worst']:.2%} / {r['loss_abs_err_worst']:.1e} | "
@@ -166,6 +170,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seeds", type=int, default=3, help="seeds per row (model, batch and draws)")
     p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
+    p.add_argument("--precisions", nargs="+", choices=PRECISIONS, help="distill.tangent_precision values "
+                   "(default: fp32 and bf16 on CPU, where tf32 is fp32; all three on CUDA)")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = torch default)")
     args = p.parse_args()
     if args.threads:
@@ -173,7 +179,8 @@ def main() -> None:
     device = torch.device(args.device)
     size = sizes(args.latent, args.depth, args.head_dim)
     start = time.perf_counter()
-    rows = measure(device, size, args.seeds, args.batch, configurations(args.passes))
+    precisions = args.precisions or [p for p in PRECISIONS if device.type == "cuda" or p != "tf32"]
+    rows = measure(device, size, args.seeds, args.batch, configurations(args.passes, precisions=precisions))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     print(f"bf16 autocast against fp32, one step; {name}, torch {torch.__version__}; 16x{args.latent}x{args.latent} "
           f"latents, patch 2, depth {args.depth}, head_dim {args.head_dim}, batch {args.batch}, {args.seeds} seeds "

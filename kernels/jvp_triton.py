@@ -182,9 +182,11 @@ def triton_attention_jvp(
         config["BLOCK_M"] = block_m
     if block_n is not None:
         config["BLOCK_N"] = block_n
-    # float32 inputs must stay float32-accurate; TF32 would cost about 1e-3 relative error.
+    # float32 inputs follow PyTorch's float32 matmul setting: IEEE by default (TF32 costs about 1e-3 relative
+    # error), TF32 where it is allowed (sCD's tangent under distill.tangent_precision=tf32).
     upcast = is_interpreting() and q.dtype == torch.bfloat16
-    precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
+    ieee = upcast or (q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    precision = "ieee" if ieee else "tf32"
     grid = (triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)
     _attention_jvp_kernel[grid](
         q, k, v, dq, dk, dv, out, dout, lse,

@@ -20,6 +20,7 @@ import torch
 
 from benchmarks import precision
 from trainer import trigflow
+from trainer.models import tangent
 from trainer.rng import RankStreams
 
 SIZE = precision.sizes(latent=64, depth=2, head_dim=16)
@@ -49,17 +50,25 @@ def test_rectified_flow_step_in_bf16_follows_the_fp32_step(seed):
     assert_bf16_step_follows_fp32("rectified_flow", [], seed)
 
 
-@pytest.mark.parametrize("weighting", ["fixed", "adaptive"])
-@pytest.mark.parametrize("jvp_pass", ["fused", "separate", "forward_ad"])
-def test_scd_step_in_bf16_follows_the_fp32_step(jvp_pass, weighting, seed):
+# Every pass under both weightings with the default bf16 tangent matmuls, and with fp32 ones under fixed
+# weighting, where the tangent alone drives the gradient.
+SCD_CASES = [(p, w, "bf16") for p in ("fused", "separate", "forward_ad") for w in ("fixed", "adaptive")] + [
+    (p, "fixed", "fp32") for p in ("fused", "separate", "forward_ad")]
+
+
+@pytest.mark.parametrize("jvp_pass, weighting, tangent_precision", SCD_CASES)
+def test_scd_step_in_bf16_follows_the_fp32_step(jvp_pass, weighting, tangent_precision, seed):
     """``fixed`` weighting leaves the consistency term alone in the gradient, where a biased F^- shows most."""
-    assert_bf16_step_follows_fp32("scd", [f"distill.jvp_pass={jvp_pass}", f"distill.weighting={weighting}"], seed)
+    assert_bf16_step_follows_fp32("scd", [f"distill.jvp_pass={jvp_pass}", f"distill.weighting={weighting}",
+                                          f"distill.tangent_precision={tangent_precision}"], seed)
 
 
 @pytest.mark.parametrize("jvp_pass", ["fused", "separate", "forward_ad"])
 def test_scd_tangent_g_and_loss_stay_in_fp32_under_bf16_autocast(jvp_pass, seed, monkeypatch):
+    """Also with bf16 tangent matmuls (the default distill.tangent_precision): only their operands are bf16."""
     cfg, recipe, student = precision.build("scd", precision.sizes(latent=8, depth=2, head_dim=16)
-                                           + [f"distill.jvp_pass={jvp_pass}"], torch.device("cpu"), seed)
+                                           + [f"distill.jvp_pass={jvp_pass}", "distill.tangent_precision=bf16"],
+                                           torch.device("cpu"), seed)
     seen = {}
     real_tangent, real_normalize = trigflow.scd_tangent, trigflow.normalize_tangent
 
@@ -78,3 +87,17 @@ def test_scd_tangent_g_and_loss_stay_in_fp32_under_bf16_autocast(jvp_pass, seed,
         loss, _ = recipe.loss(student, batch, RankStreams(seed, 0, "cpu"))
     assert seen == {"J": torch.float32, "F_minus": torch.float32, "g": torch.float64}, f"seed {seed}"
     assert loss.dtype == torch.float32, f"seed {seed}"
+
+
+def test_bf16_tangent_precision_rounds_the_tangent_matmuls_operands_only(seed, gen):
+    """Inside ``matmul_precision("bf16")`` a tangent matmul is the matmul of bf16-rounded operands (up to the
+    rounding of its output), returned in the tangent's dtype; outside it, the plain fp32 matmul."""
+    weight, dx = torch.randn(48, 32, generator=gen), torch.randn(4, 32, generator=gen)
+    exact = dx @ weight.T
+    rounded = dx.bfloat16().float() @ weight.bfloat16().float().T
+    with tangent.matmul_precision("bf16"):
+        narrow = tangent.linear(weight, dx)
+    assert narrow.dtype == torch.float32, f"seed {seed}"
+    torch.testing.assert_close(narrow, rounded, rtol=1e-2, atol=1e-2, msg=lambda m: f"seed {seed}: {m}")
+    assert float((narrow - exact).abs().max()) > 1e-4 * float(exact.abs().max()), f"seed {seed}: not rounded"
+    torch.testing.assert_close(tangent.linear(weight, dx), exact, msg=lambda m: f"seed {seed}: {m}")

@@ -10,6 +10,7 @@ carries the tangent next to its primal (``trainer.models.tangent``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 from infra.config import ConfigError, JobConfig, ModelConfig
 from trainer import checkpoint, flow, trigflow
 from trainer.loop import resolve_precision
+from trainer.models import tangent
 from trainer.models.mmdit import MMDiT, canonical_name
 from trainer.parallelize import materialize, parallelize, reshard
 from trainer.recipes.base import Recipe
@@ -268,32 +270,41 @@ class SCDRecipe(Recipe):
         per_sample = torch.where(finite, per_sample, torch.zeros_like(per_sample))
         return per_sample.mean(), self.metrics(per_sample.detach(), tau, r, g_norm, u, finite)
 
-    def jvp_pass(self, device_type: str) -> str:
-        """distill.jvp_pass with ``auto`` resolved: fused, or separate under bf16 autocast (fp32 JVP pass)."""
+    def jvp_pass(self) -> str:
+        """distill.jvp_pass with ``auto`` resolved: fused, which measured as exact as the others in fp32 and
+        under bf16 autocast, and saves a forward (docs/PERFORMANCE.md)."""
         chosen = self.cfg.distill.jvp_pass
-        if chosen == "auto":
-            return "separate" if torch.is_autocast_enabled(device_type) else "fused"
-        return chosen
+        return "fused" if chosen == "auto" else chosen
+
+    def tangent_precision(self, device_type: str) -> str:
+        """distill.tangent_precision under bf16 autocast; fp32 otherwise: an fp32 (or float64) run's tangent is
+        computed at its primal's precision."""
+        return self.cfg.distill.tangent_precision if torch.is_autocast_enabled(device_type) else "fp32"
 
     def student_passes(self, model: nn.Module, x_in, tau, dxdt, context, pooled, guidance):
         """(F, u) with grad and J without: F's rearranged JVP along the teacher's dx/dtau at theta^- =
         stop-grad theta (no EMA target).
 
         fused: one pass; the primal records its graph, the tangent is computed next to it without grad (rCM's
-        fused step; saves a forward). separate: a no-grad tangent pass in fp32 even under bf16 autocast, then
-        the with-grad pass. forward_ad: the tangent pass through ``torch.func.jvp``, then the with-grad pass.
-        The tangent passes' own primal is discarded: F^- is the with-grad F (see ``objective``).
+        fused step; saves a forward). separate: a no-grad tangent pass, then the with-grad pass. forward_ad:
+        the tangent pass through ``torch.func.jvp``, then the with-grad pass. The tangent passes' own primal is
+        discarded: F^- is the with-grad F (see ``objective``). Under bf16 autocast, distill.tangent_precision
+        sets the tangent's matmuls (``tangent.matmul_precision``); a separate or forward_ad tangent pass runs
+        its primal in fp32, or under the loop's autocast when the tangent is bf16 anyway.
         """
         sd = self.cfg.distill.sigma_d
-        how = self.jvp_pass(x_in.device.type)
+        device_type = x_in.device.type
+        how, precision = self.jvp_pass(), self.tangent_precision(device_type)
+        tangents = trigflow.rearranged_tangents(tau, dxdt, sd)
         if how == "fused":
-            F, u, J = model(x_in, tau, context, pooled, guidance, tangents=trigflow.rearranged_tangents(tau, dxdt, sd))
+            with tangent.matmul_precision(precision):
+                F, u, J = model(x_in, tau, context, pooled, guidance, tangents=tangents)
             return F, u, trigflow.check_tangent(F, J)
-        with torch.autocast(x_in.device.type, enabled=False):
+        autocast = contextlib.nullcontext() if precision == "bf16" else torch.autocast(device_type, enabled=False)
+        with tangent.matmul_precision(precision), autocast:
             if how == "separate":
                 with torch.no_grad():
-                    primal, _, J = model(x_in, tau, context, pooled, guidance,
-                                         tangents=trigflow.rearranged_tangents(tau, dxdt, sd))
+                    primal, _, J = model(x_in, tau, context, pooled, guidance, tangents=tangents)
                 J = trigflow.check_tangent(primal, J)
             else:
                 _, J = trigflow.rearranged_jvp(
