@@ -154,7 +154,9 @@ class TrainConfig(Section):
         description="fixed t values of the validation loss (one bucket each)",
     )
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
-    compile: bool = Field(False, description="torch.compile each joint block")
+    compile: bool = Field(
+        False, description="torch.compile each joint block (sCD: with distill.jvp_pass fused or separate, not forward_ad)"
+    )
     max_nonfinite_steps: int = Field(
         20, ge=1, description="consecutive non-finite steps that stop the job"
     )

@@ -120,9 +120,13 @@ class SCDRecipe(Recipe):
                 "distill.mode=scd needs distill.teacher: the directory of a pretraining checkpoint (one with "
                 "COMPLETE in it) whose EMA weights are the teacher; or use distill.mode=sct"
             )
-        if cfg.train.compile:
-            # pytorch#187284: torch.compile has silently dropped forward-mode tangents.
-            raise ValueError("train.compile=true is not supported with sCD: the JVP pass must run eagerly")
+        if cfg.train.compile and d.jvp_pass == "forward_ad":
+            # pytorch#187284: torch.compile has silently dropped forward-mode tangents. The fused and separate
+            # passes carry the tangent as ordinary tensors, which compile like the primal (tests/trainer/test_scd.py).
+            raise ValueError(
+                "train.compile=true does not work with distill.jvp_pass=forward_ad (torch.compile can drop "
+                "forward-mode tangents, pytorch#187284); use distill.jvp_pass=fused or separate, or train.compile=false"
+            )
         self.sampled_guidance = d.mode == "scd" and d.guidance == "sampled"
         self.student_cfg = cfg.model.model_copy(update={"guidance_embed": self.sampled_guidance})
         self.teacher_cfg = cfg.model.model_copy(update={"guidance_embed": False})
