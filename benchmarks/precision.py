@@ -20,6 +20,7 @@ Plain Python, no Ray or MLflow.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -30,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.scd_step import scd_with_teacher  # noqa: E402
+from benchmarks.scd_step import build_student, scd_with_teacher  # noqa: E402
 from infra.config import JobConfig, load_config  # noqa: E402
 from trainer.models.mmdit import build_mmdit, canonical_name  # noqa: E402
 from trainer.parallelize import network  # noqa: E402
@@ -70,7 +71,8 @@ def build(recipe: str, overrides: list[str], device: torch.device, seed: int):
     perturb(net, seed, 0.05)
     if recipe == "rectified_flow":
         return cfg, RectifiedFlowRecipe(cfg, empty), net
-    scd, student = scd_with_teacher(cfg, empty, net, device)
+    scd = scd_with_teacher(cfg, empty, net, device)
+    student = build_student(scd, device)
     student.net.load_state_dict(net.state_dict())
     perturb(student, seed + 1, 0.02)
     return cfg, scd, student
@@ -111,7 +113,8 @@ def fidelity(loss: float, grads: dict, ref_loss: float, ref_grads: dict) -> dict
     return out
 
 
-def bf16_against_fp32(recipe: str, overrides: list[str], device: torch.device, seed: int, batch: int) -> dict[str, float]:
+def bf16_against_fp32(recipe: str, overrides: list[str], device: torch.device, seed: int,
+                      batch: int) -> dict[str, float]:
     """The fidelity of one bf16 step against the fp32 step of the same model, batch and random draws."""
     cfg, rec, model = build(recipe, overrides, device, seed)
     data = synthetic_batch(cfg, batch, seed, device)
@@ -135,11 +138,24 @@ def configurations(passes=PASSES, weightings=WEIGHTINGS, precisions=PRECISIONS) 
 FIGURES = ("loss_err", "loss_abs_err", "grad_err", "cosine", "grad_err_blocks", "cosine_blocks")
 
 
+@contextlib.contextmanager
+def ieee_fp32():
+    """fp32 matmuls and convolutions without TF32 (cuDNN allows it by default), so that the fp32 step is the
+    reference; a tf32 tangent allows it for itself (``tangent.matmul_precision``)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def measure(device: torch.device, size: list[str], seeds: int, batch: int, rows=None) -> list[dict]:
     """One dict per row: the label and the worst and median of each fidelity figure over the seeds."""
     out = []
     for recipe, label, extra in rows or configurations():
-        runs = [bf16_against_fp32(recipe, size + extra, device, seed, batch) for seed in range(seeds)]
+        with ieee_fp32():
+            runs = [bf16_against_fp32(recipe, size + extra, device, seed, batch) for seed in range(seeds)]
         row = {"row": label}
         for key in FIGURES:
             values = [r[key] for r in runs]
