@@ -31,10 +31,10 @@ _matmul_dtype: torch.dtype | None = None
 @contextlib.contextmanager
 def matmul_precision(precision: str):
     """The precision of the tangent's matmuls (linear layers, the patch convolution, attention) inside the scope:
-    "fp32" leaves them in the tangent's dtype under PyTorch's fp32 settings (IEEE unless TF32 was allowed
-    globally); "tf32" allows TF32 for fp32 matmuls and convolutions (CUDA; nothing changes elsewhere); "bf16"
-    feeds them bf16 operands (fp32 accumulation) and returns the result in the tangent's dtype, so that the
-    elementwise rules and the tangent between layers stay fp32."""
+    "fp32" leaves them in the tangent's dtype under PyTorch's settings as they are (by default IEEE matmuls, and
+    TF32 cuDNN convolutions: only the patch embedding's); "tf32" allows TF32 for fp32 matmuls and convolutions
+    (CUDA; nothing changes elsewhere); "bf16" feeds them bf16 operands (fp32 accumulation) and returns the
+    result in the tangent's dtype, so that the elementwise rules and the tangent between layers stay fp32."""
     global _matmul_dtype
     if precision not in ("fp32", "tf32", "bf16"):
         raise ValueError(f"unknown tangent precision {precision!r}; use fp32, tf32 or bf16 (distill.tangent_precision)")
