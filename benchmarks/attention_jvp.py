@@ -195,6 +195,12 @@ def main() -> None:
             ratios.append(f"fused/math peak memory {peak['fused_jvp'] / max(peak['math_jvp'], 1):.3f}")
         if ratios:
             print(f"{'':>13}ratios: " + ", ".join(ratios), flush=True)
+    probe = torch.empty(0, 0, 0, HEAD_DIM, dtype=DTYPES[dtype_name], device=args.device)
+    if on_cuda and kernels.select_backend(probe) == "triton":
+        from kernels.jvp_triton import tuned_tiles
+
+        for key, tiles in tuned_tiles().items():
+            print(f"# autotuned tiles for (seq_q, seq_k, head_dim, dtypes...) = {key[:3]}: {tiles}")
 
 
 if __name__ == "__main__":

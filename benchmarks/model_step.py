@@ -56,10 +56,11 @@ def build_ours(cfg: ModelConfig, device: torch.device) -> nn.Module:
 
 
 def build_diffusers(cfg: ModelConfig, latent: int, device: torch.device) -> nn.Module:
+    """diffusers' SD3 transformer of ``cfg``'s sizes; ImportError (saying what to install) without diffusers."""
     try:
         from diffusers import SD3Transformer2DModel
-    except ImportError:
-        sys.exit("diffusers is not installed: pip install diffusers (or pip install -e .[bench])")
+    except ImportError as error:
+        raise ImportError("diffusers is not installed: pip install diffusers (or pip install -e .[bench])") from error
     return SD3Transformer2DModel(
         sample_size=latent,
         patch_size=cfg.patch_size,
@@ -86,6 +87,19 @@ def randomize(model: nn.Module, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         p.copy_(torch.ones(p.shape) if QK_NORM_SCALE.search(name) else torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def step_inputs(cfg: ModelConfig, batch: int, latent: int, text_tokens: int, device: torch.device) -> dict:
+    """Seeded latents, times, text and a regression target, the same for both models."""
+    gen = torch.Generator().manual_seed(1)
+    inputs = {
+        "x": torch.randn(batch, cfg.in_channels, latent, latent, generator=gen),
+        "t": torch.rand(batch, generator=gen),
+        "context": torch.randn(batch, text_tokens, cfg.context_dim, generator=gen),
+        "pooled": torch.randn(batch, cfg.pooled_dim, generator=gen),
+        "target": torch.randn(batch, cfg.out_channels, latent, latent, generator=gen),
+    }
+    return {k: v.to(device) for k, v in inputs.items()}
 
 
 def make_step(model: nn.Module, is_ours: bool, inputs: dict, amp_dtype, device: torch.device):
@@ -118,6 +132,27 @@ def timed(step, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+def alternate(steps: dict, device: torch.device, warmup: int, iters: int) -> dict[str, list[float]]:
+    """Seconds of each of ``steps`` (name -> step function) per timed step, the steps taking turns and
+    alternating who goes first, so that noise on a shared machine hits them alike."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(iters):
+        for name in names if i % 2 == 0 else reversed(names):
+            times[name].append(timed(steps[name], device))
+    return times
+
+
+def ratios(ours: list[float], theirs: list[float]) -> tuple[float, float]:
+    """(ratio of the medians, median of the back-to-back pairs' ratios): each pair ran back to back, so its
+    ratio cancels slow drifts of a shared machine's load."""
+    return (statistics.median(ours) / statistics.median(theirs),
+            statistics.median(a / b for a, b in zip(ours, theirs)))
+
+
 def profile(name: str, step, device: torch.device) -> None:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -147,34 +182,22 @@ def main() -> None:
         depth=args.depth, head_dim=args.head_dim, in_channels=16, out_channels=16, patch_size=2,
         pooled_dim=args.pooled_dim, context_dim=args.context_dim, pos_embed_max_size=args.pos_embed_max_size,
     )
-    ours, theirs = build_ours(cfg, device), build_diffusers(cfg, latent, device)
+    try:
+        ours, theirs = build_ours(cfg, device), build_diffusers(cfg, latent, device)
+    except ImportError as error:
+        sys.exit(str(error))
     randomize(ours, 0)
     randomize(theirs, 0)
     n_ours, n_theirs = count_params(ours)["total"], sum(p.numel() for p in theirs.parameters())
 
-    gen = torch.Generator().manual_seed(1)
     B = args.batch
-    inputs = {
-        "x": torch.randn(B, 16, latent, latent, generator=gen),
-        "t": torch.rand(B, generator=gen),
-        "context": torch.randn(B, args.text_tokens, args.context_dim, generator=gen),
-        "pooled": torch.randn(B, args.pooled_dim, generator=gen),
-        "target": torch.randn(B, 16, latent, latent, generator=gen),
-    }
-    inputs = {k: v.to(device) for k, v in inputs.items()}
+    inputs = step_inputs(cfg, B, latent, args.text_tokens, device)
     steps = {
         "flowscale MMDiT": make_step(ours, True, inputs, amp_dtype, device),
         "diffusers SD3Transformer2DModel": make_step(theirs, False, inputs, amp_dtype, device),
     }
     names = list(steps)
-
-    for _ in range(args.warmup):
-        for name in names:
-            steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(args.iters):
-        for name in names if i % 2 == 0 else reversed(names):  # alternate who goes first
-            times[name].append(timed(steps[name], device))
+    times = alternate(steps, device, args.warmup, args.iters)
 
     tokens = (latent // 2) ** 2 + args.text_tokens
     print(f"\nModel step (forward + backward), {device.type}"
@@ -188,9 +211,7 @@ def main() -> None:
     for name, n in zip(names, (n_ours, n_theirs)):
         ts = [1000 * s for s in times[name]]
         print(f"| {name} | {n:,} | {statistics.median(ts):.1f} | {min(ts):.1f} | {max(ts):.1f} |")
-    ratio = statistics.median(times[names[0]]) / statistics.median(times[names[1]])
-    # Each pair ran back to back, so its ratio cancels slow drifts of a shared machine's load.
-    paired = statistics.median(a / b for a, b in zip(times[names[0]], times[names[1]]))
+    ratio, paired = ratios(times[names[0]], times[names[1]])
     print(f"\nratio ours / diffusers: {ratio:.3f} (medians), {paired:.3f} (median of back-to-back pairs)")
     if n_ours != n_theirs:
         print(f"parameter counts differ by {n_ours - n_theirs:+,}")

@@ -1,10 +1,11 @@
 """One sCD iteration's time over one pretraining iteration's: same MM-DiT, batch and device, side by side.
 
 A pretraining iteration is the rectified-flow recipe's loss, backward and an AdamW step. An sCD iteration
-is the sCD recipe's loss (the guided teacher: conditional + unconditional forward; the student's F^- and
-its JVP; the with-grad pass), backward and an AdamW step, once per ``distill.jvp_pass``:
+is the sCD recipe's loss (the guided teacher: conditional + unconditional forward; the student's JVP and
+with-grad pass), backward and an AdamW step, once per ``distill.jvp_pass`` (and per
+``distill.tangent_precision`` given with ``--tangent-precisions``; one student serves them all):
 
-  fused       one with-grad pass that also carries the tangent (F^- = stop-grad F)
+  fused       one with-grad pass that also carries the tangent
   separate    a no-grad tangent pass, then the with-grad pass
   forward_ad  torch.func.jvp under no_grad, then the with-grad pass (the reference)
 
@@ -41,11 +42,11 @@ from trainer.rng import RankStreams  # noqa: E402
 PASSES = ("fused", "separate", "forward_ad")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
-                   help="bf16 = autocast to bfloat16 (default on cuda; the JVP pass stays fp32); fp32 elsewhere")
+                   help="bf16 = autocast to bfloat16 (default on cuda); fp32 elsewhere")
     p.add_argument("--depth", type=int, default=4, help="d: blocks and heads (24 = SD3-medium, 38 = 8B)")
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--resolution", type=int, default=128, help="pixel resolution; latents are resolution / 8")
@@ -58,7 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=6, help="timed iterations of each")
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = torch default)")
     p.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES, help="distill.jvp_pass values to time")
-    return p.parse_args()
+    p.add_argument("--tangent-precisions", nargs="+", choices=["fp32", "tf32", "bf16"],
+                   help="distill.tangent_precision values to time with each pass (default: the config's)")
+    return p.parse_args(argv)
 
 
 def sync(device: torch.device) -> None:
@@ -83,9 +86,25 @@ class SplitTimer:
         return timed
 
 
+def scd_with_teacher(cfg, empty: dict, teacher_net: torch.nn.Module, device: torch.device) -> SCDRecipe:
+    """An sCD recipe whose teacher is ``teacher_net`` in memory (no checkpoint)."""
+    scd = SCDRecipe(cfg, empty)
+    scd.teacher = TrigFlowTeacher(teacher_net, scd.empty_context.to(device), scd.empty_pooled.to(device),
+                                  cfg.distill.sigma_d)
+    return scd
 
-def main() -> None:
-    args = parse_args()
+
+def build_student(recipe: SCDRecipe, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """The recipe's student, initialised with ``seed`` (its own init, not the teacher's weights)."""
+    student = recipe.build_model().to_empty(device=device)
+    student.init_weights(seed)
+    return student
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Build the models, alternate the iterations, and return the medians: ``pretrain_s``, and per sCD run
+    (a JVP pass, with its tangent precision when several are timed) the iteration's seconds, its ratio to
+    pretraining (of the medians and the median of the pairs) and its split."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -106,17 +125,21 @@ def main() -> None:
     teacher_net = build_mmdit(cfg.model, device=device)
     runs = {"pretrain": (rf, rf_model, build_optimizer(rf_model, cfg.optim))}
     splits = {}
+    precisions = args.tangent_precisions or [cfg.distill.tangent_precision]
+    # One student and optimizer serve every sCD run: what they time does not depend on the weights, and a second
+    # copy of a 2B-parameter model with its AdamW state would not fit next to the others on one GPU.
+    student = build_student(scd_with_teacher(cfg, empty, teacher_net, device), device)
+    optimizer = build_optimizer(student, cfg.optim)
     for jvp_pass in args.passes:
-        run_cfg = load_config(None, overrides + [f"distill.jvp_pass={jvp_pass}"])
-        scd = SCDRecipe(run_cfg, empty)
-        student = scd.build_model().to_empty(device=device)
-        student.init_weights(0)
-        scd.teacher = TrigFlowTeacher(teacher_net, scd.empty_context.to(device), scd.empty_pooled.to(device),
-                                      cfg.distill.sigma_d)
-        splits[jvp_pass] = SplitTimer(device)
-        scd.teacher_velocity = splits[jvp_pass].wrap("teacher", scd.teacher_velocity)
-        scd.student_passes = splits[jvp_pass].wrap("student", scd.student_passes)
-        runs[jvp_pass] = (scd, student, build_optimizer(student, cfg.optim))
+        for precision in precisions:
+            name = jvp_pass if len(precisions) == 1 else f"{jvp_pass}, tangent {precision}"
+            run_cfg = load_config(None, overrides + [f"distill.jvp_pass={jvp_pass}",
+                                                     f"distill.tangent_precision={precision}"])
+            scd = scd_with_teacher(run_cfg, empty, teacher_net, device)
+            splits[name] = SplitTimer(device)
+            scd.teacher_velocity = splits[name].wrap("teacher", scd.teacher_velocity)
+            scd.student_passes = splits[name].wrap("student", scd.student_passes)
+            runs[name] = (scd, student, optimizer)
 
     gen = torch.Generator().manual_seed(0)
     B = args.batch
@@ -150,24 +173,41 @@ def main() -> None:
                     seconds = splits[name].seconds
                     parts[name].append({**seconds, "backward": elapsed - sum(seconds.values())})
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    n_params = sum(p.numel() for p in rf_model.parameters())
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"device {name}, torch {torch.__version__}, {'bf16 autocast' if bf16 else 'fp32'}; depth {args.depth}, "
-          f"head_dim {args.head_dim}, {n_params / 1e6:.1f}M params, batch {B}, latent {latent}x{latent}, "
-          f"{args.text_tokens} text tokens, teacher CFG w={args.cfg_scale}, {args.iters} timed iterations each")
-    print(f"pretraining iteration {med['pretrain'] * 1e3:9.1f} ms (median)")
-    print()
-    print("| jvp_pass | sCD iteration | / pretraining (medians) | median of pairs | teacher | student passes "
-          "| backward + AdamW |")
-    print("|---|---|---|---|---|---|---|")
-    for jvp_pass in splits:
-        pairs = statistics.median(s / p for s, p in zip(times[jvp_pass], times["pretrain"]))
-        split = [statistics.median(p[part] for p in parts[jvp_pass]) / med["pretrain"]
-                 for part in ("teacher", "student", "backward")]
-        print(f"| {jvp_pass} | {med[jvp_pass] * 1e3:.1f} ms | **{med[jvp_pass] / med['pretrain']:.2f}x** | "
-              f"{pairs:.2f}x | {split[0]:.2f}x | {split[1]:.2f}x | {split[2]:.2f}x |")
-    print("\n(the split columns are each part's median time over the pretraining iteration's)")
+    pretrain = statistics.median(times["pretrain"])
+    rows = []
+    for name in splits:
+        row = {"run": name, "iteration_s": statistics.median(times[name])}
+        row["ratio"] = row["iteration_s"] / pretrain
+        row["ratio_of_pairs"] = statistics.median(s / p for s, p in zip(times[name], times["pretrain"]))
+        for part in ("teacher", "student", "backward"):
+            row[part] = statistics.median(p[part] for p in parts[name]) / pretrain
+        rows.append(row)
+    threads = f"cpu ({torch.get_num_threads()} threads)"
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
+    return {"device": device_name, "bf16": bf16, "params": sum(p.numel() for p in rf_model.parameters()),
+            "latent": latent, "pretrain_s": pretrain, "rows": rows}
+
+
+def markdown(result: dict) -> str:
+    lines = ["| jvp_pass | sCD iteration | / pretraining (medians) | median of pairs | teacher | student passes "
+             "| backward + AdamW |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['run']} | {r['iteration_s'] * 1e3:.1f} ms | **{r['ratio']:.2f}x** | "
+                     f"{r['ratio_of_pairs']:.2f}x | {r['teacher']:.2f}x | {r['student']:.2f}x | {r['backward']:.2f}x |")
+    lines.append("\n(the split columns are each part's median time over the pretraining iteration's)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = parse_args()
+    result = measure(args)
+    latent = result["latent"]
+    print(f"device {result['device']}, torch {torch.__version__}, {'bf16 autocast' if result['bf16'] else 'fp32'}; "
+          f"depth {args.depth}, head_dim {args.head_dim}, {result['params'] / 1e6:.1f}M params, batch {args.batch}, "
+          f"latent {latent}x{latent}, {args.text_tokens} text tokens, teacher CFG w={args.cfg_scale}, "
+          f"{args.iters} timed iterations each")
+    print(f"pretraining iteration {result['pretrain_s'] * 1e3:9.1f} ms (median)\n")
+    print(markdown(result))
 
 
 if __name__ == "__main__":

@@ -161,7 +161,9 @@ class TrainConfig(Section):
         description="fixed t values of the validation loss (one bucket each)",
     )
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
-    compile: bool = Field(False, description="torch.compile each joint block")
+    compile: bool = Field(
+        False, description="torch.compile each joint block (sCD: with distill.jvp_pass fused or separate, not forward_ad)"
+    )
     max_nonfinite_steps: int = Field(
         20, ge=1, description="consecutive non-finite steps that stop the job"
     )
@@ -284,9 +286,18 @@ class DistillConfig(Section):
     jvp_pass: Literal["auto", "fused", "separate", "forward_ad"] = Field(
         "auto",
         description=(
-            "fused = one with-grad pass carries the tangent too (F^- = stop-grad F; cheapest); separate = a no-grad "
-            "tangent pass in fp32, then the with-grad pass; forward_ad = torch.func.jvp (the reference, slowest); "
-            "auto = fused, or separate when training under bf16 autocast (keeps the JVP in fp32)"
+            "fused = one with-grad pass carries the tangent too (cheapest); separate = a no-grad tangent pass, then "
+            "the with-grad pass; forward_ad = torch.func.jvp, then the with-grad pass (the reference, slowest). F^- "
+            "is stop-grad F of the with-grad pass in all three. auto = fused (as exact in fp32 and bf16: "
+            "docs/PERFORMANCE.md)"
+        ),
+    )
+    tangent_precision: Literal["fp32", "tf32", "bf16"] = Field(
+        "bf16",
+        description=(
+            "matmuls of the JVP tangent under bf16 autocast: fp32 (SCD.md; several times the cost of bf16 on a "
+            "GPU), tf32 (fp32 with TF32 matmuls on CUDA), bf16 (bf16 operands, fp32 accumulation; the tangent "
+            "stays fp32 between layers; as exact as fp32 in docs/PERFORMANCE.md). fp32 training keeps it fp32"
         ),
     )
     t_max: float | None = Field(

@@ -123,9 +123,36 @@ def _attention_jvp_kernel(
     tl.store(LSE + batch_head * seq_q + rows, lse, mask=row_ok)
 
 
+# Candidate tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) for autotuning on CUDA: FlashAttention-2's forward
+# tiles and their neighbours. The kernel holds two float32 (BLOCK_M, head_dim) accumulators and three
+# (BLOCK_M, BLOCK_N) score tiles, so wide inputs (float32, head_dim 128) keep the smaller ones (``_fitting``).
+TILES = [
+    (128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 4, 2), (128, 32, 8, 2), (128, 32, 4, 3),
+    (64, 128, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 4, 2),
+]
+
+
+def _fitting(configs, named_args, **kwargs):
+    """The autotuner's early prune: tiles of at most 64 x 64 for float32 inputs or head_dim > 64."""
+    wide = named_args["Q"].dtype == torch.float32 or kwargs["HEAD_DIM"] > 64
+    return [c for c in configs if not wide or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
+
+
+# Tuned per (sequence lengths, head_dim, dtypes): the best tiles found are kept in ``.cache`` for the process.
+_attention_jvp_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in TILES],
+    key=["seq_q", "seq_k", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": _fitting},
+)(_attention_jvp_kernel)
+
+
+def tuned_tiles() -> dict[tuple, str]:
+    """The tiles autotuning chose so far in this process, by its key (seq_q, seq_k, head_dim, dtypes...)."""
+    return {key: str(config) for key, config in _attention_jvp_autotuned.cache.items()}
+
+
 def _launch_config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes: two float32 (BLOCK_M, head_dim) accumulators plus three (BLOCK_M, BLOCK_N) score tiles
-    must fit in registers. Chosen from FlashAttention-2 forward tiles; not yet tuned on our GPU."""
+    """Fixed tiles, for the interpreter and for calls that set a block size; CUDA calls without one autotune."""
     if is_interpreting():
         # The interpreter runs each program as numpy code: small tiles keep CPU tests fast while still
         # exercising several query blocks and key blocks.
@@ -148,7 +175,8 @@ def triton_attention_jvp(
     """Returns (out, dout, lse); shapes already validated, inputs (B, H, S, head_dim) on one device.
 
     out and dout have the input dtype and layout (B, H, Sq, head_dim); lse is float32 (B, H, Sq).
-    ``block_m``/``block_n`` override the tile sizes (tests use them to force many blocks).
+    ``block_m``/``block_n`` fix the tile sizes (tests use them to force many blocks); without them CUDA calls
+    autotune (``TILES``), once per sequence lengths, head_dim and dtype.
     """
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
@@ -177,22 +205,24 @@ def triton_attention_jvp(
     if seq_q == 0 or batch * heads == 0:
         return out, dout, lse
 
-    config = _launch_config(head_dim, q.dtype)
-    if block_m is not None:
-        config["BLOCK_M"] = block_m
-    if block_n is not None:
-        config["BLOCK_N"] = block_n
-    # float32 inputs must stay float32-accurate; TF32 would cost about 1e-3 relative error.
+    # float32 inputs follow PyTorch's float32 matmul setting: IEEE by default (TF32 costs about 1e-3 relative
+    # error), TF32 where it is allowed (sCD's tangent under distill.tangent_precision=tf32).
     upcast = is_interpreting() and q.dtype == torch.bfloat16
-    precision = "ieee" if q.dtype == torch.float32 or upcast else "tf32"
-    grid = (triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)
-    _attention_jvp_kernel[grid](
+    ieee = upcast or (q.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32)
+    args = (
         q, k, v, dq, dk, dv, out, dout, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         *out.stride()[:3],
         heads, seq_q, seq_k, 1.0 / math.sqrt(head_dim),
-        HEAD_DIM=head_dim, DOT_PRECISION=precision,
-        DOT_UPCAST=upcast, **config,
     )
+    constants = dict(HEAD_DIM=head_dim, DOT_PRECISION="ieee" if ieee else "tf32", DOT_UPCAST=upcast)
+    if is_interpreting() or block_m is not None or block_n is not None:
+        config = _launch_config(head_dim, q.dtype)
+        config["BLOCK_M"] = block_m or config["BLOCK_M"]
+        config["BLOCK_N"] = block_n or config["BLOCK_N"]
+        _attention_jvp_kernel[(triton.cdiv(seq_q, config["BLOCK_M"]), batch * heads)](*args, **constants, **config)
+    else:
+        grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+        _attention_jvp_autotuned[grid](*args, **constants)
     return out, dout, lse

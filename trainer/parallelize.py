@@ -39,6 +39,10 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def apply_compile(model: nn.Module) -> None:
+    # One compiled graph per variant of a block's call: the pre-only last block, grad on or off, with or without
+    # sCD's tangent, the frozen teacher's blocks. sCD's separate pass reaches dynamo's default of 8 per code
+    # object, past which it would run further variants eagerly, without an error.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for block in network(model).joint_blocks:
         block.compile(fullgraph=False)
 

@@ -68,3 +68,15 @@ def test_rejects_unsupported_head_dim_and_dtype():
         jvp_triton.triton_attention_jvp(*random_attention_inputs(1, 1, 4, 4, 96, torch.float32, DEVICE))
     with pytest.raises(TypeError, match="float64"):
         jvp_triton.triton_attention_jvp(*random_attention_inputs(1, 1, 4, 4, 64, torch.float64, DEVICE))
+
+
+@pytest.mark.parametrize("head_dim", jvp_triton.SUPPORTED_HEAD_DIMS)
+@pytest.mark.parametrize("dtype", jvp_triton.SUPPORTED_DTYPES)
+def test_autotuning_keeps_some_tiles_and_only_small_ones_for_wide_inputs(dtype, head_dim):
+    """On CUDA the kernel autotunes over ``TILES``; float32 inputs and head_dim 128 keep tiles of at most 64 x 64
+    (two float32 accumulators and three score tiles must fit in registers), the others keep all."""
+    configs = jvp_triton._attention_jvp_autotuned.configs
+    kept = jvp_triton._fitting(configs, {"Q": torch.empty(0, dtype=dtype)}, HEAD_DIM=head_dim)
+    wide = dtype == torch.float32 or head_dim > 64
+    assert kept and (len(kept) < len(configs) if wide else len(kept) == len(configs))
+    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64 for c in kept) or not wide

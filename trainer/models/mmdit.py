@@ -93,7 +93,8 @@ class PatchEmbed(nn.Conv2d):
 
     def tangent(self, dx: torch.Tensor) -> torch.Tensor:
         """The convolution is linear: its tangent at frozen weights is dx convolved, without the bias."""
-        return F.conv2d(dx, self.weight.to(dx.dtype), None, self.stride)
+        dtype = tangent.matmul_dtype(dx.dtype)
+        return F.conv2d(dx.to(dtype), self.weight.to(dtype), None, self.stride).to(dx.dtype)
 
 
 class MLPEmbedder(nn.Module):
@@ -281,7 +282,9 @@ class JointBlock(nn.Module):
             return context, x
         with tangent.tangent_mode(x.device.type):
             (dq, dk, dv), dmods = self.pre_attention_tangent(saved, dcontext, dx, dc)
-        attn, dattn = kernels.attention_with_tangent(q, k, v, dq, dk, dv)
+        dtype = tangent.matmul_dtype(dx.dtype)
+        attn, dattn = kernels.attention_with_tangent(q, k, v, dq.to(dtype), dk.to(dtype), dv.to(dtype))
+        dattn = dattn.to(dx.dtype)
         context, x, saved = self.post_attention(attn, saved)
         with tangent.tangent_mode(x.device.type):
             dcontext, dx = self.post_attention_tangent(saved, dcontext, dx, dattn, dmods)

@@ -9,7 +9,8 @@ tangent is computed from the primal's values under ``no_grad``: the tangent is s
 
 Weights are frozen for the tangent (theta^- = stop-grad theta), so a linear layer's tangent is
 ``dx @ W^T`` with no bias. Tangents are computed in their own dtype (the caller's fp32 when the primal
-runs under bf16 autocast), with primal values cast to it.
+runs under bf16 autocast), with primal values cast to it; only the matmuls' operands may be narrower, for
+the duration of a ``matmul_precision`` scope (sCD's ``distill.tangent_precision``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,38 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+
+# The dtype of the tangent matmuls' operands while a ``matmul_precision("bf16")`` scope is open; None: the
+# tangent's own dtype. A module global like autocast's own state: the layers read it where FSDP2 has gathered
+# their weights, deep inside the model, where no argument reaches.
+_matmul_dtype: torch.dtype | None = None
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """The precision of the tangent's matmuls (linear layers, the patch convolution, attention) inside the scope:
+    "fp32" leaves them in the tangent's dtype under PyTorch's settings as they are (by default IEEE matmuls, and
+    TF32 cuDNN convolutions: only the patch embedding's); "tf32" allows TF32 for fp32 matmuls and convolutions
+    (CUDA; nothing changes elsewhere); "bf16" feeds them bf16 operands (fp32 accumulation) and returns the
+    result in the tangent's dtype, so that the elementwise rules and the tangent between layers stay fp32."""
+    global _matmul_dtype
+    if precision not in ("fp32", "tf32", "bf16"):
+        raise ValueError(f"unknown tangent precision {precision!r}; use fp32, tf32 or bf16 (distill.tangent_precision)")
+    saved = _matmul_dtype, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if precision == "bf16":
+        _matmul_dtype = torch.bfloat16
+    if precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        _matmul_dtype, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The operand dtype of a tangent matmul whose tangent has ``dtype`` (see ``matmul_precision``)."""
+    return _matmul_dtype or dtype
 
 
 @contextlib.contextmanager
@@ -36,7 +69,8 @@ def in_backward() -> bool:
 
 def linear(weight: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """Tangent of ``F.linear(x, weight, bias)`` at frozen weights: ``dx @ weight^T``."""
-    return F.linear(dx, weight.to(dx.dtype))
+    dtype = matmul_dtype(dx.dtype)
+    return F.linear(dx.to(dtype), weight.to(dtype)).to(dx.dtype)
 
 
 def silu(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:

@@ -3,13 +3,14 @@
 The student is the pretrained MM-DiT in the TrigFlow wrapper plus a log-variance head; it starts from the
 teacher's EMA weights. The frozen teacher is built, sharded and loaded the same way as the student. One
 step: the teacher's guided velocity dx/dtau (or, for sCT, the noise-data pair's own), then the student's
-F^- and its rearranged JVP J, the tangent g, and the with-grad F whose loss pulls F towards F^- + g. By
-default (``distill.jvp_pass``) F^-, J and F come from one pass: the network carries the tangent next to
-its primal (``trainer.models.tangent``), and F^- is F with its gradient stopped.
+with-grad F and its rearranged JVP J, the tangent g, and the loss that pulls F towards F^- + g, where F^- is
+F with its gradient stopped. By default (``distill.jvp_pass``) J and F come from one pass: the network
+carries the tangent next to its primal (``trainer.models.tangent``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import torch.nn as nn
 from infra.config import ConfigError, JobConfig, ModelConfig
 from trainer import checkpoint, flow, trigflow
 from trainer.loop import resolve_precision
+from trainer.models import tangent
 from trainer.models.mmdit import MMDiT, canonical_name
 from trainer.parallelize import materialize, parallelize, reshard
 from trainer.recipes.base import Recipe
@@ -118,9 +120,13 @@ class SCDRecipe(Recipe):
                 "distill.mode=scd needs distill.teacher: the directory of a pretraining checkpoint (one with "
                 "COMPLETE in it) whose EMA weights are the teacher; or use distill.mode=sct"
             )
-        if cfg.train.compile:
-            # pytorch#187284: torch.compile has silently dropped forward-mode tangents.
-            raise ValueError("train.compile=true is not supported with sCD: the JVP pass must run eagerly")
+        if cfg.train.compile and d.jvp_pass == "forward_ad":
+            # pytorch#187284: torch.compile has silently dropped forward-mode tangents. The fused and separate
+            # passes carry the tangent as ordinary tensors, which compile like the primal (tests/trainer/test_scd.py).
+            raise ValueError(
+                "train.compile=true does not work with distill.jvp_pass=forward_ad (torch.compile can drop "
+                "forward-mode tangents, pytorch#187284); use distill.jvp_pass=fused or separate, or train.compile=false"
+            )
         self.sampled_guidance = d.mode == "scd" and d.guidance == "sampled"
         self.student_cfg = cfg.model.model_copy(update={"guidance_embed": self.sampled_guidance})
         self.teacher_cfg = cfg.model.model_copy(update={"guidance_embed": False})
@@ -245,7 +251,11 @@ class SCDRecipe(Recipe):
         else:
             dxdt = trigflow.sct_velocity(x0, z, tau)
 
-        F, u, F_minus, J = self.student_passes(model, x_in, tau, dxdt, context, pooled, guidance)
+        F, u, J = self.student_passes(model, x_in, tau, dxdt, context, pooled, guidance)
+        # theta^- = stop-grad theta: F^- is the with-grad pass's own value, so F - F^- is exactly zero and the
+        # gradient is the tangent's alone. An F^- from another pass (the fp32 tangent pass under bf16 autocast)
+        # leaves their rounding difference in the loss and biases the gradient (issue 11).
+        F_minus = F.detach()
         r = trigflow.tangent_warmup(self.step, d.tangent_warmup_steps, d.tangent_warmup)
         g = trigflow.scd_tangent(F_minus, J, dxdt, x_tau, tau, sd, r)  # (B, C, H, W), float64
         finite = torch.isfinite(g).flatten(1).all(1)
@@ -264,39 +274,48 @@ class SCDRecipe(Recipe):
         per_sample = torch.where(finite, per_sample, torch.zeros_like(per_sample))
         return per_sample.mean(), self.metrics(per_sample.detach(), tau, r, g_norm, u, finite)
 
-    def jvp_pass(self, device_type: str) -> str:
-        """distill.jvp_pass with ``auto`` resolved: fused, or separate under bf16 autocast (fp32 JVP pass)."""
+    def jvp_pass(self) -> str:
+        """distill.jvp_pass with ``auto`` resolved: fused, which measured as exact as the others in fp32 and
+        under bf16 autocast, and saves a forward (docs/PERFORMANCE.md)."""
         chosen = self.cfg.distill.jvp_pass
-        if chosen == "auto":
-            return "separate" if torch.is_autocast_enabled(device_type) else "fused"
-        return chosen
+        return "fused" if chosen == "auto" else chosen
+
+    def tangent_precision(self, device_type: str) -> str:
+        """distill.tangent_precision under bf16 autocast; fp32 otherwise: an fp32 (or float64) run's tangent is
+        computed at its primal's precision."""
+        return self.cfg.distill.tangent_precision if torch.is_autocast_enabled(device_type) else "fp32"
 
     def student_passes(self, model: nn.Module, x_in, tau, dxdt, context, pooled, guidance):
-        """(F, u) with grad and (F^-, J) without: the student's value at theta^- = stop-grad theta (no EMA
-        target) and its rearranged JVP along the teacher's dx/dtau.
+        """(F, u) with grad and J without: F's rearranged JVP along the teacher's dx/dtau at theta^- =
+        stop-grad theta (no EMA target).
 
-        fused: one pass; the primal records its graph and is also F^- (same weights, same input), the tangent
-        is computed next to it without grad (rCM's fused step; saves a forward). separate: the tangent pass
-        without grad in fp32 even under bf16 autocast, then the with-grad pass. forward_ad: the tangent pass
-        through ``torch.func.jvp``, then the with-grad pass.
+        fused: one pass; the primal records its graph, the tangent is computed next to it without grad (rCM's
+        fused step; saves a forward). separate: a no-grad tangent pass, then the with-grad pass. forward_ad:
+        the tangent pass through ``torch.func.jvp``, then the with-grad pass. The tangent passes' own primal is
+        discarded: F^- is the with-grad F (see ``objective``). Under bf16 autocast, distill.tangent_precision
+        sets the tangent's matmuls (``tangent.matmul_precision``); a separate or forward_ad tangent pass runs
+        its primal in fp32, or under the loop's autocast when the tangent is bf16 anyway.
         """
         sd = self.cfg.distill.sigma_d
-        how = self.jvp_pass(x_in.device.type)
+        device_type = x_in.device.type
+        how, precision = self.jvp_pass(), self.tangent_precision(device_type)
+        tangents = trigflow.rearranged_tangents(tau, dxdt, sd)
         if how == "fused":
-            F, u, J = model(x_in, tau, context, pooled, guidance, tangents=trigflow.rearranged_tangents(tau, dxdt, sd))
-            return F, u, F.detach(), trigflow.check_tangent(F, J)
-        with torch.autocast(x_in.device.type, enabled=False):
+            with tangent.matmul_precision(precision):
+                F, u, J = model(x_in, tau, context, pooled, guidance, tangents=tangents)
+            return F, u, trigflow.check_tangent(F, J)
+        autocast = contextlib.nullcontext() if precision == "bf16" else torch.autocast(device_type, enabled=False)
+        with tangent.matmul_precision(precision), autocast:
             if how == "separate":
                 with torch.no_grad():
-                    F_minus, _, J = model(x_in, tau, context, pooled, guidance,
-                                          tangents=trigflow.rearranged_tangents(tau, dxdt, sd))
-                J = trigflow.check_tangent(F_minus, J)
+                    primal, _, J = model(x_in, tau, context, pooled, guidance, tangents=tangents)
+                J = trigflow.check_tangent(primal, J)
             else:
-                F_minus, J = trigflow.rearranged_jvp(
+                _, J = trigflow.rearranged_jvp(
                     lambda x, t: model(x, t, context, pooled, guidance)[0], x_in, tau, dxdt, sd
                 )
         F, u = model(x_in, tau, context, pooled, guidance)  # under the loop's autocast
-        return F, u, F_minus, J
+        return F, u, J
 
     def teacher_velocity(self, x_tau, tau, context, pooled, w) -> torch.Tensor:
         if self.teacher is None:
