@@ -17,19 +17,40 @@ def test_an_unreachable_tracking_server_neither_blocks_nor_raises():
     assert tracker.close(timeout=5) > 0
 
 
-def test_metrics_reach_a_sqlite_store_in_order(tmp_path):
+def test_every_metric_reaches_a_sqlite_store_at_its_own_step_with_its_value(tmp_path):
+    """Training metrics at log steps, validation metrics at evaluation steps, grids as images at their step,
+    and a run that ends with the status it is given."""
+    import numpy as np
     from mlflow.tracking import MlflowClient
+
+    from orchestration.tracking import end_run
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_id = open_run(uri, "exp", "run-a", {"model.depth": "2"}, "model:\n  depth: 2\n")
     assert open_run(uri, "exp", "run-a", {}, "") == run_id  # the same name finds the same run
     tracker = Tracker(uri, run_id, system_metrics=False)
-    for step in (1, 2, 3):
-        tracker.log_metrics({"loss": float(step), "val/loss_t0.5": 2.0 * step}, step)
+    for step in (5, 10, 15):
+        tracker.log_metrics({"loss": 1.0 / step, "grad_norm": 2.0 * step, "lr": 1e-3}, step)
+    for step in (10, 15):  # an evaluation: validation losses and a grid
+        tracker.log_metrics({"val/loss": 0.5 + step, "val/loss_t0.5": 0.25 + step}, step)
+        tracker.log_image(np.full((4, 6, 3), step, dtype=np.uint8), "samples", step)
     assert tracker.close() == 0
     client = MlflowClient(uri)
-    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [1.0, 2.0, 3.0]
+
+    def history(key):
+        return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+    assert history("loss") == [(5, 1 / 5), (10, 1 / 10), (15, 1 / 15)]
+    assert history("grad_norm") == [(5, 10.0), (10, 20.0), (15, 30.0)]
+    assert history("lr") == [(5, 1e-3), (10, 1e-3), (15, 1e-3)]
+    assert history("val/loss") == [(10, 10.5), (15, 15.5)] and history("val/loss_t0.5") == [(10, 10.25), (15, 15.25)]
+    images = sorted(a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")
+                    and "compressed" not in a.path)
+    assert [p.split("+step+")[1].split("+")[0] for p in images] == ["10", "15"]
     assert client.get_run(run_id).data.params == {"model.depth": "2"}
+    assert client.get_run(run_id).info.status == "RUNNING"
+    end_run(uri, run_id, "FINISHED")
+    assert client.get_run(run_id).info.status == "FINISHED" and client.get_run(run_id).info.end_time
 
 
 def test_credentials_never_reach_params_or_the_config_artifact():
