@@ -291,7 +291,9 @@ def build_tuner(cfg: JobConfig, parent_run_id: str | None):
     t = cfg.tune
     scheduler = None
     if t.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.steps, reduction_factor=t.reduction_factor,
+        # max_t past the last step: ASHA stops every trial that reports max_t, which would kill a trial at its
+        # final evaluation, before its job writes the final grids and ends its MLflow run.
+        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.steps + 1, reduction_factor=t.reduction_factor,
                                   grace_period=t.grace_period or cfg.train.eval_every or cfg.train.val_every)
     search_alg, space = None, tune_space(cfg) if t.search != "optuna" else {}
     if t.search == "optuna":

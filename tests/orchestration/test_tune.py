@@ -20,6 +20,19 @@ from tests.orchestration.conftest import REPO, job_args
 LRS = [1e-3, 1e-5, 1e-7, 1e30]
 
 
+@pytest.fixture(scope="module")
+def ray_cluster(s3_server):
+    """A local 2-CPU cluster with its dashboard: Ray Train's placement-group cleaner, which frees a stopped
+    trial's workers (ray#54305), watches the controller through the State API that the dashboard serves;
+    without it the trials' worker groups never started."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+             configure_logging=False)
+    yield
+    ray.shutdown()
+
+
 def sweep_args(ws, name: str, *extra: str) -> list[str]:
     return ["--config", "tune-timesteps-demo", *job_args(ws, name), "train.steps=20", "train.eval_every=5",
             "checkpoint.every=10", "sample.quality=", "sample.prompts=[]", "train.max_nonfinite_steps=1",
