@@ -78,12 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base)
         page = f"{base}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}"
+        view = "?workflowType=machine_learning"  # the UI's model-training view (it defaults to GenAI)
         OUT.mkdir(exist_ok=True)
-        screenshot(page, OUT / "mlflow-run.png")
-        screenshot(f"{page}/model-metrics", OUT / "mlflow-metrics.png")
+        screenshot(page + view, OUT / "mlflow-run.png")
+        screenshot(f"{page}/model-metrics{view}", OUT / "mlflow-metrics.png")
         grids = sorted(a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png"))
         last = max(grids, key=lambda p: int(p.split("+step+")[1].split("+")[0])) if grids else "samples.png"
-        screenshot(f"{page}/artifacts/{last}", OUT / "mlflow-grid.png")
+        screenshot(f"{page}/artifacts/{last}{view}", OUT / "mlflow-grid.png")
     finally:
         ui.terminate()
         ui.wait(timeout=30)

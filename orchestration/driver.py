@@ -269,6 +269,23 @@ def run(cfg: JobConfig, source: str = "", callbacks: list | None = None, tags: d
     return result
 
 
+def mlflow_hint(cfg: JobConfig, run_id: str) -> list[str]:
+    """How to open the run: the UI command for a local store, then the run's page in the model-training view
+    (MLflow 3's UI opens its GenAI view unless the link asks otherwise)."""
+    uri = redact_url(cfg.mlflow.tracking_uri)
+    local = uri.startswith("sqlite:")
+    try:
+        from mlflow.tracking import MlflowClient
+
+        experiment = MlflowClient(cfg.mlflow.tracking_uri).get_run(run_id).info.experiment_id
+    except Exception:  # the summary must not fail on tracking
+        return [f"open it with: mlflow ui --backend-store-uri {uri}" if local else f"open it at: {uri}"]
+    page = f"#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
+    if local:
+        return [f"open it with: mlflow ui --backend-store-uri {uri}", f"          at: http://127.0.0.1:5000/{page}"]
+    return [f"open it at: {uri.rstrip('/')}/{page}"]
+
+
 def summary(result: JobResult) -> str:
     """Where everything is, for the closing lines of the job."""
     cfg = result.cfg
@@ -277,6 +294,5 @@ def summary(result: JobResult) -> str:
     if result.mlflow_run_id:
         uri = redact_url(cfg.mlflow.tracking_uri)
         lines.append(f"MLflow       {uri} (experiment {cfg.mlflow.experiment}, run {result.mlflow_run_id})")
-        lines.append(f"open it with: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:")
-                     else f"open it at: {uri}")
+        lines += mlflow_hint(cfg, result.mlflow_run_id)
     return "\n".join(lines)

@@ -460,6 +460,5 @@ def summary(result: SweepResult) -> str:
     if result.mlflow_run_id:
         uri = redact_url(cfg.mlflow.tracking_uri)
         lines.append(f"MLflow       {uri} (experiment {cfg.mlflow.experiment}, parent run {result.mlflow_run_id})")
-        lines.append(f"open it with: mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite:")
-                     else f"open it at: {uri}")
+        lines += driver.mlflow_hint(cfg, result.mlflow_run_id)
     return "\n".join(lines)
