@@ -187,6 +187,9 @@ class Trainer:
         self.model.eval()
         with self.autocast():
             sums = self.recipe.validation_losses(self.model, batches, self.cfg.train.seed)
+        # A forward without backward leaves FSDP2's last block gathered, its unsharded parameters registered in
+        # place of the sharded ones the optimizer holds: a checkpoint at this step would not find them.
+        reshard(self.model)
         keys = list(sums)
         count = sum(b["latent"].shape[0] for b in batches)
         totals = self.all_reduce_sum(torch.stack([torch.as_tensor(sums[k]).float() for k in keys] + [

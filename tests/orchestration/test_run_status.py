@@ -46,9 +46,12 @@ def test_an_interrupted_job_is_killed_and_a_relaunch_reopens_and_finishes_it(ray
     proc = subprocess.Popen([sys.executable, "orchestration/pretrain.py", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        run_dir = workspace["root"] / "runs" / "interrupted"
-        wait_for(lambda: (run_dir / "checkpoint_00000005").exists() or proc.poll() is not None, 240,
-                 "the first checkpoint")
+        snapshot = workspace["root"] / "runs" / "interrupted" / "checkpoint_manager_snapshot.json"
+
+        def registered() -> bool:  # Ray Train lists a checkpoint only once every worker's shards are persisted
+            return (snapshot.exists() and "checkpoint_00000005" in snapshot.read_text()) or proc.poll() is not None
+
+        wait_for(registered, 240, "the first checkpoint")
         proc.send_signal(signal.SIGTERM)  # what `ray job stop` sends the entrypoint
         _, stderr = proc.communicate(timeout=120)
     finally:

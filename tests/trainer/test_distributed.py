@@ -95,7 +95,9 @@ def _train_worker(rank: int, world: int, port: int, directory: str, steps: int, 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    cfg = load_config("demo", OVERRIDES + [f"train.steps={steps}"])
+    # Validation alone at the save step: a forward without backward must not leave FSDP2's unsharded
+    # parameters in place of the sharded ones the optimizer holds when the checkpoint is written.
+    cfg = load_config("demo", OVERRIDES + [f"train.steps={steps}", f"train.val_every={save_at}", "train.val_batches=1"])
 
     class SaveAt:
         def on_log(self, *a): ...
@@ -110,7 +112,7 @@ def _train_worker(rank: int, world: int, port: int, directory: str, steps: int, 
 
     trainer = Trainer(cfg, RectifiedFlowRecipe(cfg, EMPTY), SaveAt())
     local = [{k: v[rank * 4:(rank + 1) * 4] for k, v in b.items()} for b in _batches(1, steps)]
-    trainer.fit(iter(local))
+    trainer.fit(iter(local), val_batches=local[:1])
     dist.destroy_process_group()
 
 

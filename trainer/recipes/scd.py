@@ -380,7 +380,6 @@ class SCDRecipe(Recipe):
                 err = ((f(x_tau, tau) - f(x_prev, tau_prev)) / (sd * step)).pow(2).flatten(1).mean(1)
                 key = f"{t_val:g}"
                 out[key] = out.get(key, 0.0) + err.sum()
-        reshard(model)
         return out
 
     # ---- evaluation grids ----------------------------------------------------------------------------
