@@ -105,6 +105,7 @@ def _worker(rank: int, world: int, port: int, teacher: str, seed: int, out: str)
         gathered[key] = torch.cat(parts) if value.dim() else torch.stack(parts).mean()
     if rank == 0:
         torch.save({"values": gathered, "grads": grads}, out)
+    dist.barrier()  # both ranks tear gloo down together: a peer leaving mid-teardown can abort the other
     dist.destroy_process_group()
 
 
