@@ -72,6 +72,7 @@ def _grad_worker(rank: int, world: int, port: int, seed: int, out: str) -> None:
     grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
     if rank == 0:
         torch.save(grads, out)
+    dist.barrier()  # tear gloo down together (a peer leaving mid-teardown can abort the other)
     dist.destroy_process_group()
 
 
@@ -113,6 +114,7 @@ def _train_worker(rank: int, world: int, port: int, directory: str, steps: int, 
     trainer = Trainer(cfg, RectifiedFlowRecipe(cfg, EMPTY), SaveAt())
     local = [{k: v[rank * 4:(rank + 1) * 4] for k, v in b.items()} for b in _batches(1, steps)]
     trainer.fit(iter(local), val_batches=local[:1])
+    dist.barrier()  # tear gloo down together (a peer leaving mid-teardown can abort the other)
     dist.destroy_process_group()
 
 
