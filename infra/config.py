@@ -234,6 +234,18 @@ class ClusterConfig(Section):
     use_gpu: bool = Field(False, description="one GPU per worker and NCCL; False = CPU workers and gloo")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker")
     max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
+    shard_size: int = Field(
+        0, ge=0, description="HSDP: shard parameters within groups of this many ranks (a node) and replicate "
+        "across groups; 0 = shard over all ranks (plain FSDP2). Must divide num_workers"
+    )
+
+    @model_validator(mode="after")
+    def _shard_size_divides(self) -> "ClusterConfig":
+        if self.shard_size and self.num_workers % self.shard_size:
+            raise ValueError(
+                f"cluster.shard_size={self.shard_size} must divide cluster.num_workers={self.num_workers}"
+            )
+        return self
 
 
 class RunStorageConfig(Section):
