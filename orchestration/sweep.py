@@ -121,27 +121,29 @@ def tune_space(cfg: JobConfig) -> dict:
             ((name, distribution(name, spec)) for name, spec in cfg.tune.space.items())}
 
 
-def optuna_space(cfg: JobConfig):
+class OptunaSpace:
     """A define-by-run space for Optuna: an override-set entry first picks its option (by index), then samples
-    the option's own distributions, so each family searches only its own parameters."""
-    space = {name: distribution(name, spec) for name, spec in cfg.tune.space.items()}
+    the option's own distributions, so each family searches only its own parameters. A class rather than a
+    closure: Tune saves the searcher with pickle at every experiment checkpoint."""
 
-    def suggest(trial, name: str, kind: str, arg):
+    def __init__(self, cfg: JobConfig):
+        self.space = {name: distribution(name, spec) for name, spec in cfg.tune.space.items()}
+
+    @staticmethod
+    def _suggest(trial, name: str, kind: str, arg):
         if kind == "choice":
             return arg[trial.suggest_categorical(name, list(range(len(arg))))]
         return trial.suggest_float(name, *arg, log=kind == "loguniform")
 
-    def define(trial) -> None:
-        for name, (kind, arg) in space.items():
+    def __call__(self, trial) -> None:
+        for name, (kind, arg) in self.space.items():
             if is_override_set(kind, arg):
                 option = arg[trial.suggest_categorical(name, list(range(len(arg))))]
                 for key, value in option.items():
                     if isinstance(value, dict):
-                        suggest(trial, key, *distribution(key, value))
+                        self._suggest(trial, key, *distribution(key, value))
             else:
-                suggest(trial, name, kind, arg)
-
-    return define
+                self._suggest(trial, name, kind, arg)
 
 
 def optuna_points(cfg: JobConfig) -> list[dict]:
@@ -299,7 +301,7 @@ def build_tuner(cfg: JobConfig, parent_run_id: str | None):
     if t.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(space=optuna_space(cfg), metric=t.metric, mode=t.mode, seed=t.seed,
+        search_alg = OptunaSearch(space=OptunaSpace(cfg), metric=t.metric, mode=t.mode, seed=t.seed,
                                   points_to_evaluate=optuna_points(cfg) or None)
     tune_config = tune.TuneConfig(metric=t.metric, mode=t.mode, scheduler=scheduler, search_alg=search_alg,
                                   num_samples=t.num_samples, max_concurrent_trials=concurrent_trials(cfg))
