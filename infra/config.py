@@ -434,11 +434,16 @@ def _resolve_preset(name: str | Path) -> Path:
     raise ConfigError(f"config preset '{name}' not found (looked in {PRESET_DIR}); presets: {available}")
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+# Mappings whose entries are whole values: a preset replaces an entry of its base rather than merging into it
+# (a sweep preset that turns the base's `sampler: {choice: ...}` into `sampler: {grid: ...}`).
+_WHOLE_ENTRIES = {("tune", "space")}
+
+
+def _deep_merge(base: dict, top: dict, path: tuple[str, ...] = ()) -> dict:
     out = dict(base)
     for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _deep_merge(out[k], v)
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and path not in _WHOLE_ENTRIES:
+            out[k] = _deep_merge(out[k], v, path + (k,))
         else:
             out[k] = v
     return out

@@ -214,3 +214,13 @@ def test_urls_without_user_info_are_recorded_unchanged():
     assert redact_url("s3://bucket/a@b/c") == "s3://bucket/a@b/c"
     assert redact_url("file:///data/x@y") == "file:///data/x@y"
     assert redact_url("see http://u:p@h/x and s3://k@b/y") == "see http://***@h/x and s3://***@b/y"
+
+
+def test_a_derived_sweep_preset_replaces_a_space_entry_whole(tmp_path):
+    """tune.space entries are whole distributions: a preset turning its base's `choice` into a `grid` must not
+    end up with both (an invalid spec), and the base's other entries stay."""
+    (tmp_path / "a.yaml").write_text(
+        "tune:\n  space:\n    flow.logit_mean: {choice: [0.0, 1.0]}\n    flow.logit_std: {uniform: [0.5, 1.5]}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntune:\n  space:\n    flow.logit_mean: {grid: [0.5]}\n")
+    space = load_config(tmp_path / "b.yaml").tune.space
+    assert space == {"flow.logit_mean": {"grid": [0.5]}, "flow.logit_std": {"uniform": [0.5, 1.5]}}
