@@ -342,9 +342,15 @@ def summary_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
 def plot(cfg: JobConfig, rows: list[dict], out: Path) -> Path | None:
-    """The metric against each numeric searched key (one panel each), with a marker per value of each
-    categorical key (e.g. the sampler family, the warmup shape): stopped trials hollow."""
+    """Left: every trial's metric by configuration (best first), colour = the categorical keys (the sampler
+    family, the warmup shape), repeats of a configuration under other seeds side by side. Right: the metric
+    over the numeric keys that vary - the (m, s) plane when two vary together, else the metric against each
+    (quality against warmup length). Stopped trials hollow."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -352,31 +358,63 @@ def plot(cfg: JobConfig, rows: list[dict], out: Path) -> Path | None:
 
     metric = f"final {cfg.tune.metric}"
     scored = [r for r in rows if not math.isnan(r[metric])]
+    if not scored:
+        return None
     keys = sorted({k for r in scored for k in r if "." in k and not k.startswith(("final ", "best "))})
+    keys = [k for k in keys if not k.endswith("seed")]  # seeds repeat a configuration: pooled, not plotted
     numeric = [k for k in keys if all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)
                                       for r in scored if r.get(k) is not None)]
     categorical = [k for k in keys if k not in numeric]
-    if not scored:
-        return None
-    panels = numeric or ["trial"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    markers = "osD^v<>pP*X"
-    groups = sorted({tuple(str(r.get(k)) for k in categorical) for r in scored})
-    for ax, key in zip(axes[0], panels):
-        for g, group in enumerate(groups):
-            members = [r for r in scored if tuple(str(r.get(k)) for k in categorical) == group]
-            for hollow in (False, True):
-                pts = [r for r in members if (r["status"] == "STOPPED") == hollow]
-                xs = [r.get(key) if key != "trial" else i for i, r in enumerate(pts)]
-                pairs = [(x, r[metric]) for x, r in zip(xs, pts) if x is not None]
-                if pairs:
-                    ax.scatter(*zip(*pairs), marker=markers[g % len(markers)], s=60,
-                               facecolors="none" if hollow else f"C{g}", edgecolors=f"C{g}",
-                               label=None if hollow else ", ".join(group) or "trials")
-        ax.set_xlabel(key)
-        ax.set_ylabel(cfg.tune.metric)
+    varying = [k for k in numeric if len({r.get(k) for r in scored if r.get(k) is not None}) > 1]
+    group_of = lambda r: ", ".join(_short(r.get(k)) for k in categorical) or "trials"  # noqa: E731
+    config_of = lambda r: " ".join([group_of(r)] + [f"{k.rsplit('.', 1)[-1]}={_short(r[k])}"  # noqa: E731
+                                                    for k in numeric if r.get(k) is not None])
+    groups = sorted({group_of(r) for r in scored})
+    sign = 1 if cfg.tune.mode == "min" else -1
+    configs: dict[str, list[dict]] = {}
+    for r in scored:
+        configs.setdefault(config_of(r), []).append(r)
+    order = sorted(configs, key=lambda c: sign * sum(r[metric] for r in configs[c]) / len(configs[c]))
+    plane = len(varying) == 2 and sum(all(r.get(k) is not None for k in varying) for r in scored) >= 3
+    right = [tuple(varying)] if plane else varying
+    fig, axes = plt.subplots(1, 1 + len(right), figsize=(max(6, 0.55 * len(order) + 2) + 5 * len(right), 4.6),
+                             squeeze=False)
+
+    def dot(ax, x, y, r, **kw):
+        colour = f"C{groups.index(group_of(r))}"
+        ax.scatter([x], [y], s=kw.pop("s", 55), edgecolors=colour, linewidths=1.5,
+                   facecolors="none" if r["status"] == "STOPPED" else colour, **kw)
+
+    ax = axes[0][0]
+    for i, c in enumerate(order):
+        members = configs[c]
+        for j, r in enumerate(members):
+            dot(ax, i + 0.12 * (j - (len(members) - 1) / 2), r[metric], r)
+    ax.set_xticks(range(len(order)), order, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel(cfg.tune.metric)
+    ax.grid(alpha=0.3)
+    for g, name in enumerate(groups):
+        ax.scatter([], [], color=f"C{g}", label=name)
+    ax.legend(fontsize=7, title=", ".join(k.rsplit(".", 1)[-1] for k in categorical) or None, title_fontsize=7)
+    for ax, key in zip(axes[0][1:], right):
+        if plane:
+            pts = [r for r in scored if all(r.get(k) is not None for k in key)]
+            values = [r[metric] for r in pts]
+            sc = ax.scatter([r[key[0]] for r in pts], [r[key[1]] for r in pts], c=values, s=90,
+                            cmap="viridis_r" if sign > 0 else "viridis", edgecolors="k")
+            for r in pts:
+                ax.annotate(_short(r[metric]), (r[key[0]], r[key[1]]), textcoords="offset points", xytext=(6, 4),
+                            fontsize=7)
+            fig.colorbar(sc, ax=ax, label=cfg.tune.metric)
+            ax.set_xlabel(key[0])
+            ax.set_ylabel(key[1])
+        else:
+            for r in scored:
+                if r.get(key) is not None:
+                    dot(ax, r[key], r[metric], r)
+            ax.set_xlabel(key)
+            ax.set_ylabel(cfg.tune.metric)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, title=", ".join(categorical) or None, title_fontsize=7)
     fig.suptitle(f"{cfg.run.name}: {cfg.tune.metric} ({cfg.tune.mode}; hollow = stopped early)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
