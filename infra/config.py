@@ -156,6 +156,10 @@ class TrainConfig(Section):
         0, ge=0, description="steps between validation losses alone (cheap: no sampling); 0 = at eval_every only"
     )
     val_batches: int = Field(2, ge=0, description="batches of the fixed validation set")
+    record_sample_ids: str = Field(
+        "", description="debugging data order: a local directory where each rank appends the sample ids it trains "
+        "on at each step (rank_NNNNN.jsonl); empty = off"
+    )
     val_timesteps: list[float] = Field(
         [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875],
         description="fixed t values of the validation loss (one bucket each)",
@@ -264,7 +268,9 @@ class TrackingConfig(Section):
     """MLflow tracking (rank 0 only, never blocking training)."""
 
     enabled: bool = Field(True, description="log params, metrics, grids and checkpoint URIs to MLflow")
-    tracking_uri: str = Field("", description="MLflow tracking URI; empty = sqlite file beside the runs")
+    tracking_uri: str = Field(
+        "", description="MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else a sqlite file beside the runs"
+    )
     experiment: str = Field("", description="MLflow experiment; empty = the config's name")
     system_metrics: bool = Field(True, description="log CPU/GPU/memory system metrics with the run")
 

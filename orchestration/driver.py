@@ -61,8 +61,11 @@ def resolve(cfg: JobConfig) -> JobConfig:
     if not cfg.run.cache_dir:
         cfg.run.cache_dir = str(paths.cache_dir())
     if cfg.mlflow.enabled and not cfg.mlflow.tracking_uri:
+        # MLflow's own variable first (what `python -m infra.local env` and a cluster's secrets set), then a
+        # SQLite store beside the local runs.
         local = cfg.run.storage_path if "://" not in cfg.run.storage_path else str(paths.HOME)
-        cfg.mlflow.tracking_uri = f"sqlite:///{Path(local).parent / 'mlflow.db'}"
+        cfg.mlflow.tracking_uri = (os.environ.get("MLFLOW_TRACKING_URI")
+                                   or f"sqlite:///{Path(local).parent / 'mlflow.db'}")
     if not cfg.mlflow.experiment:
         cfg.mlflow.experiment = cfg.name
     if not cfg.data.url:
@@ -133,13 +136,32 @@ INPUT_ERRORS = (ConfigError, DataError, ValueError, OSError, checkpoint.Checkpoi
 # --------------------------------------------------------------------------------------------------
 
 
+def forget_dead_cluster() -> None:
+    """Remove Ray's ray_current_cluster file when no GCS on this machine serves the address it names. The file
+    names the cluster `ray start` last started here; one killed without `ray stop` leaves it behind. Ray Train's
+    placement-group cleaner finds its cluster through it, fails on the dead one, and every trial Tune stops
+    keeps its workers' resources: the next trial never starts."""
+    try:
+        from ray._common.utils import reset_ray_address
+        from ray._private.services import find_bootstrap_address, find_gcs_addresses
+    except ImportError:  # another Ray layout: nothing to clean
+        return
+    named = find_bootstrap_address(None)
+    if named and named not in find_gcs_addresses():
+        reset_ray_address()
+
+
 def connect_ray() -> None:
     import ray
 
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        # A local cluster binds to loopback only; a given address (or `ray job submit`) joins that cluster.
-        ray.init(address=address, **({} if address else {"_node_ip_address": "127.0.0.1"}),
+        if not address:
+            forget_dead_cluster()
+        # A given address (or `ray job submit`) joins that cluster. Otherwise a new local cluster, bound to
+        # loopback: address=None would join the cluster named in /tmp/ray/ray_current_cluster, which a
+        # killed job leaves behind, and wait there for a GCS that is gone.
+        ray.init(address=address or "local", **({} if address else {"_node_ip_address": "127.0.0.1"}),
                  log_to_driver=True, configure_logging=False)
 
 

@@ -8,10 +8,12 @@ imports Ray or MLflow.
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -229,10 +231,13 @@ class Trainer:
         val_batches = [to_device(b, self.device) for b in (val_batches or [])]
         timer, last = StepTimer(), {}
         it = iter(batches)
+        record = self.sample_id_record()
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             batch = to_device(next(it), self.device)
             t1 = time.perf_counter()
+            if record:
+                record(batch)
             local = self.train_step(batch)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -256,17 +261,36 @@ class Trainer:
                 self.hooks.on_checkpoint(self.step, self)
         return last
 
+    def sample_id_record(self):
+        """With ``train.record_sample_ids``, a function appending one JSON line per step to this rank's file:
+        the step about to be trained, the world size and the batch's sample ids (what an elastic resume must
+        reproduce); else None."""
+        directory = self.cfg.train.record_sample_ids
+        if not directory:
+            return None
+        path = Path(directory) / f"rank_{self.rank:05d}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def record(batch: dict) -> None:
+            line = {"step": self.step + 1, "world": self.world_size, "ids": batch["sample_id"].tolist()}
+            with path.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+
+        return record
+
     def log_metrics(self, local: dict[str, torch.Tensor], timer: StepTimer) -> dict[str, float]:
         names = sorted(local)
         reduced = self.all_reduce_sum(torch.stack([local[k].to(self.device).float() for k in names]))
         metrics = {k: float(reduced[i]) / self.world_size for i, k in enumerate(names)}
         metrics["grad_norm"] = float(local["grad_norm"])  # already global
-        # A recipe reports a per-bucket mean as NAME_sum and NAME_count (exact after reduction over ranks).
+        # A recipe reports a per-bucket mean as NAME_sum and NAME_count (exact after reduction over ranks),
+        # logged as NAME (the mean) and NAME_fraction (the bucket's share of the step's global batch).
         for key in [k for k in names if k.endswith("_sum") and k[:-4] + "_count" in metrics]:
             base = key[:-4]
             count = metrics.pop(base + "_count")
             total = metrics.pop(key)
             metrics[base] = total / count if count else float("nan")
+            metrics[base + "_fraction"] = count * self.world_size / self.cfg.train.global_batch_size
         elapsed = max(time.perf_counter() - timer.started, 1e-9)
         samples_per_s = timer.samples / elapsed
         metrics.update({

@@ -48,6 +48,15 @@ def test_distillation_tracks_scd_metrics_and_grids(student, workspace):
         assert key in metrics, key
     assert any(f"tau{i}_loss" in metrics for i in range(4))
     assert [m.value for m in client.get_metric_history(run.info.run_id, "tangent_warmup_r")] == [0.5, 1.0]  # r = min(1, i / 4) at iterations i = 2, 5
+    # The logged loss is the step's mean over both ranks' samples: the tau buckets' means weighted by their
+    # shares of the batch must give it back, at every logged step.
+    history = {key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+               for key in ["loss", *(f"tau{i}_loss{s}" for i in range(4) for s in ("", "_fraction"))]}
+    assert sorted(history["loss"]) == [3, 6]
+    for step, loss in history["loss"].items():
+        shares = [(history[f"tau{i}_loss_fraction"][step], history[f"tau{i}_loss"].get(step)) for i in range(4)]
+        assert sum(f for f, _ in shares) == pytest.approx(1.0)
+        assert sum(f * m for f, m in shares if f) == pytest.approx(loss, rel=1e-5), (step, loss, shares)
     assert run.data.params["model.depth"] == "2"  # the student took the teacher's architecture
     images = " ".join(a.path for a in client.list_artifacts(run.info.run_id, "images"))
     for grid in ("student_1step", "student_2step", "teacher"):

@@ -4,6 +4,7 @@ from the last checkpoint; bad input fails before any worker starts."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -34,7 +35,8 @@ def final_weights(ws, name: str, step: int = STEPS) -> dict[str, torch.Tensor]:
 def reference_run(ray_cluster, workspace):
     """One uninterrupted run that the recovery tests compare against."""
     # Validation every 10 steps and grids every 15 touch neither the weights nor the random streams.
-    assert pretrain.main(job_args(workspace, "reference", "train.val_every=10", "train.eval_every=15")) == 0
+    assert pretrain.main(job_args(workspace, "reference", "train.val_every=10", "train.eval_every=15",
+                                  f"train.record_sample_ids={workspace['root'] / 'ids' / 'reference'}")) == 0
     return final_weights(workspace, "reference")
 
 
@@ -150,11 +152,35 @@ def test_relaunch_with_the_same_run_name_resumes(reference_run, workspace):
         assert torch.equal(resumed[name], value), name
 
 
+def trained_ids(directory: Path) -> dict[int, list[int]]:
+    """step -> the global batch's sample ids, ranks concatenated in rank order, from train.record_sample_ids."""
+    steps: dict[int, dict[int, list[int]]] = {}
+    worlds: dict[int, int] = {}
+    for path in sorted(directory.glob("rank_*.jsonl")):
+        rank = int(path.stem.split("_")[1])
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            assert rank not in steps.setdefault(row["step"], {}), f"step {row['step']} trained twice"
+            assert worlds.setdefault(row["step"], row["world"]) == row["world"]
+            steps[row["step"]][rank] = row["ids"]
+    assert all(len(ranks) == worlds[s] for s, ranks in steps.items())
+    return {step: sum((ranks[r] for r in sorted(ranks)), []) for step, ranks in sorted(steps.items())}
+
+
 def test_resume_on_one_worker_continues_the_same_data_order(reference_run, workspace):
-    assert pretrain.main(job_args(workspace, "elastic", "train.steps=20")) == 0
-    assert pretrain.main(job_args(workspace, "elastic", "cluster.num_workers=1")) == 0
+    ids = workspace["root"] / "ids"
+    assert pretrain.main(job_args(workspace, "elastic", "train.steps=20",
+                                  f"train.record_sample_ids={ids / 'elastic'}")) == 0
+    assert pretrain.main(job_args(workspace, "elastic", "cluster.num_workers=1",
+                                  f"train.record_sample_ids={ids / 'elastic'}")) == 0
     state = (workspace["root"] / "runs" / "elastic" / f"checkpoint_{STEPS:08d}" / checkpoint.LOADER).read_text()
     assert f'"samples_seen": {STEPS * 16}' in state
+    # The sample ids each step trained on: 2 ranks up to step 20, then 1 rank, the same global batches.
+    reference, resumed = trained_ids(ids / "reference"), trained_ids(ids / "elastic")
+    assert sorted(reference) == sorted(resumed) == list(range(1, STEPS + 1))
+    assert all(len(reference[s]) == 16 for s in reference)
+    assert resumed == reference
+    assert len({i for s in reference for i in reference[s]}) > 16  # the batches differ from step to step
     # One rank draws other noise than two, so weights differ slightly, but the same batches in the same
     # order keep them far closer than a different data order would.
     resumed = final_weights(workspace, "elastic")
@@ -188,3 +214,47 @@ def test_unwritable_storage_path_fails_before_ray_starts(workspace, tmp_path):
     out = run_cli(f"data.url={workspace['data']}", f"run.storage_path={blocker / 'runs'}")
     assert out.returncode == 2
     assert "run.storage_path" in out.stderr and "not writable" in out.stderr
+
+
+def test_an_empty_tracking_uri_takes_mlflow_tracking_uri_then_a_local_store(workspace, tmp_path, monkeypatch):
+    from orchestration import driver
+
+    cfg = load_config("demo", [f"data.url={workspace['data']}", f"run.storage_path={tmp_path / 'runs'}"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert driver.resolve(cfg).mlflow.tracking_uri == "http://127.0.0.1:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert driver.resolve(cfg).mlflow.tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert driver.resolve(load_config("demo", [f"data.url={workspace['data']}", "mlflow.tracking_uri=file:///x"])
+                          ).mlflow.tracking_uri == "file:///x"
+
+
+def test_a_cluster_file_naming_a_dead_gcs_is_forgotten(tmp_path, monkeypatch):
+    """Ray Train's placement-group cleaner finds its cluster through ray_current_cluster: naming a dead one, it
+    failed and a stopped trial's resources were never freed (the next trial waited forever)."""
+    from orchestration import driver
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    named = tmp_path / "ray" / "ray_current_cluster"
+    named.parent.mkdir()
+    named.write_text("127.0.0.1:9")  # nothing serves a GCS there
+    driver.forget_dead_cluster()
+    assert not named.exists()
+
+
+def test_a_cluster_file_left_by_a_killed_job_does_not_hold_up_the_next(workspace):
+    """A job killed with its local cluster leaves RAY_TMPDIR/ray/ray_current_cluster naming a GCS that is gone;
+    without RAY_ADDRESS the next job starts its own cluster instead of waiting for that one."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live under it
+    try:
+        (tmp / "ray").mkdir()
+        (tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9")  # nothing listens on port 9
+        env = {"RAY_TMPDIR": str(tmp), "RAY_ADDRESS": ""}
+        out = run_cli(*job_args(workspace, "after-a-kill", "train.steps=2", "cluster.num_workers=1",
+                                "checkpoint.every=0", "mlflow.enabled=false"), env=env, timeout=240)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+        assert "step 2/2" in out.stdout
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -60,7 +60,7 @@ class Recipe(ABC):
     def loss(self, model: nn.Module, batch: dict, streams: RankStreams) -> tuple[torch.Tensor, dict]:
         """(scalar loss to back-propagate, unreduced metrics). Random draws come from ``streams``, which the
         loop reseeds per rank and step. A metric reported as ``NAME_sum`` and ``NAME_count`` is logged as
-        their ratio after reduction over ranks."""
+        their ratio after reduction over ranks, and as ``NAME_fraction``, the count's share of the global batch."""
 
     @abstractmethod
     def validation_losses(self, model: nn.Module, batches: list[dict], seed: int) -> dict[str, torch.Tensor]:
