@@ -130,7 +130,7 @@ def batches_ray(root: str, batch: int, workers: int, endpoint: str):
     import ray
     import torch
 
-    ray.init(num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
+    ray.init("local", num_cpus=max(1, workers), include_dashboard=False, log_to_driver=False)
     # Ray Data reads ahead until its object-store budget is full (here: the whole 1 GB epoch before the
     # first batch), which no loader can do on a real dataset. Give it a bounded read-ahead like the others'
     # (ours: a shuffle block plus prefetch, ~0.3 GB; mosaic: predownload = 8 batches), so the figure is a

@@ -229,21 +229,44 @@ def end_trial_runs_callback(cfg: JobConfig):
     from orchestration.tracking import end_run, find_run
 
     class EndTrialRuns(tune.Callback):
-        def end(self, trial, status: str) -> None:
+        def end(self, trial, status: str, replaces: tuple[str, ...]) -> None:
             if not cfg.mlflow.enabled:
                 return
             run = find_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, f"{cfg.run.name}-{trial.trial_id}")
-            if run is not None and run.info.status == "RUNNING":
+            if run is not None and run.info.status in replaces:
                 end_run(cfg.mlflow.tracking_uri, run.info.run_id, status,
-                        "stopped early by the scheduler" if status == "KILLED" else None)
+                        "stopped early by the scheduler" if status == "KILLED" else None, force=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self.end(trial, "KILLED")
+            # A trial Tune completes without its job finishing was stopped by the scheduler. Its job may have
+            # failed already: removing the trial's placement group kills the Train controller under it.
+            self.end(trial, "KILLED", replaces=("RUNNING", "FAILED"))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self.end(trial, "FAILED")
+            self.end(trial, "FAILED", replaces=("RUNNING",))
 
     return EndTrialRuns()
+
+
+def tensorboard_callback(cfg: JobConfig) -> list:
+    """Tune's TensorBoard logger, its HParams view keyed by the dotted config keys each trial set (the sampler
+    family by name, where Tune's own logger shows Optuna's option index). [] without tensorboardX, where Tune
+    writes no event files either."""
+    try:
+        from ray.tune.logger import TBXLoggerCallback
+        from tensorboardX.summary import hparams
+    except ImportError:
+        return []
+
+    class SweepTensorBoard(TBXLoggerCallback):
+        def _try_log_hparams(self, trial, result: dict) -> None:
+            params = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                      for k, v in trial_overrides(cfg, trial.config).items() if v is not None}
+            writer = self._trial_writer[trial].file_writer
+            for summary in hparams(hparam_dict=params, metric_dict=result):
+                writer.add_summary(summary)
+
+    return [SweepTensorBoard()]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -284,7 +307,7 @@ def build_tuner(cfg: JobConfig, parent_run_id: str | None):
         {"cpu": TRIAL_DRIVER_CPUS})
     path, fs = driver.storage(cfg)
     run_config = tune.RunConfig(name=cfg.run.name, storage_path=path, storage_filesystem=fs,
-                                callbacks=[end_trial_runs_callback(cfg)], verbose=1)
+                                callbacks=[end_trial_runs_callback(cfg), *tensorboard_callback(cfg)], verbose=1)
     experiment = f"{path.rstrip('/')}/{cfg.run.name}"
     if tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         # Finished trials keep their results; interrupted ones resume from their own checkpoints.
@@ -293,9 +316,11 @@ def build_tuner(cfg: JobConfig, parent_run_id: str | None):
     t = cfg.tune
     scheduler = None
     if t.scheduler == "asha":
-        # max_t past the last step: ASHA stops every trial that reports max_t, which would kill a trial at its
-        # final evaluation, before its job writes the final grids and ends its MLflow run.
-        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.steps + 1, reduction_factor=t.reduction_factor,
+        # No rung at the final evaluation: ASHA stopping a trial there kills it before its job writes the final
+        # grids and ends its MLflow run (and ranks the trial as stopped). Rungs sit at grace * rf^k <= max_t, so
+        # max_t is one step short of the end, and a trial past max_t runs on (stop_last_trials=False).
+        scheduler = ASHAScheduler(time_attr="step", max_t=max(1, cfg.train.steps - 1), stop_last_trials=False,
+                                  reduction_factor=t.reduction_factor,
                                   grace_period=t.grace_period or cfg.train.eval_every or cfg.train.val_every)
     search_alg, space = None, tune_space(cfg) if t.search != "optuna" else {}
     if t.search == "optuna":
@@ -374,7 +399,13 @@ def plot(cfg: JobConfig, rows: list[dict], out: Path) -> Path | None:
     configs: dict[str, list[dict]] = {}
     for r in scored:
         configs.setdefault(config_of(r), []).append(r)
-    order = sorted(configs, key=lambda c: sign * sum(r[metric] for r in configs[c]) / len(configs[c]))
+
+    def pooled(members: list[dict]) -> list[dict]:
+        """Trials that ran to the end, when a configuration has any: a stopped trial's metric is an earlier
+        step's."""
+        return [r for r in members if r["status"] != "STOPPED"] or members
+
+    order = sorted(configs, key=lambda c: sign * sum(r[metric] for r in pooled(configs[c])) / len(pooled(configs[c])))
     plane = len(varying) == 2 and sum(all(r.get(k) is not None for k in varying) for r in scored) >= 3
     right = [tuple(varying)] if plane else varying
     fig, axes = plt.subplots(1, 1 + len(right), figsize=(max(6, 0.55 * len(order) + 2) + 5 * len(right), 4.6),
@@ -398,13 +429,20 @@ def plot(cfg: JobConfig, rows: list[dict], out: Path) -> Path | None:
     ax.legend(fontsize=7, title=", ".join(k.rsplit(".", 1)[-1] for k in categorical) or None, title_fontsize=7)
     for ax, key in zip(axes[0][1:], right):
         if plane:
-            pts = [r for r in scored if all(r.get(k) is not None for k in key)]
-            values = [r[metric] for r in pts]
-            sc = ax.scatter([r[key[0]] for r in pts], [r[key[1]] for r in pts], c=values, s=90,
-                            cmap="viridis_r" if sign > 0 else "viridis", edgecolors="k")
-            for r in pts:
-                ax.annotate(_short(r[metric]), (r[key[0]], r[key[1]]), textcoords="offset points", xytext=(6, 4),
-                            fontsize=7)
+            cells: dict[tuple, list[dict]] = {}  # repeats of a point (seeds) pooled: their mean and count
+            for r in scored:
+                if all(r.get(k) is not None for k in key):
+                    cells.setdefault((r[key[0]], r[key[1]]), []).append(r)
+            xy = list(cells)
+            means = [sum(r[metric] for r in pooled(v)) / len(pooled(v)) for v in cells.values()]
+            stopped = [all(r["status"] == "STOPPED" for r in v) for v in cells.values()]
+            sc = ax.scatter([p[0] for p in xy], [p[1] for p in xy], c=means, s=90,
+                            cmap="viridis_r" if sign > 0 else "viridis", edgecolors="k",
+                            linewidths=[2.5 if s else 1 for s in stopped], linestyle=[":" if s else "-" for s in stopped])
+            for p, mean, members, early in zip(xy, means, cells.values(), stopped):
+                n = len(pooled(members))
+                label = _short(mean) + (f" (mean of {n})" if n > 1 else "") + (" (stopped)" if early else "")
+                ax.annotate(label, p, textcoords="offset points", xytext=(6, 4), fontsize=7)
             fig.colorbar(sc, ax=ax, label=cfg.tune.metric)
             ax.set_xlabel(key[0])
             ax.set_ylabel(key[1])

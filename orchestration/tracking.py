@@ -101,9 +101,11 @@ def open_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str
     return run.info.run_id
 
 
-def end_run(tracking_uri: str, run_id: str, status: str, error: str | None = None) -> None:
+def end_run(tracking_uri: str, run_id: str, status: str, error: str | None = None, force: bool = False) -> None:
     """End the run as FINISHED, FAILED or KILLED, with the error (redacted of URL passwords) as a tag and a
-    note. Driver side; a tracking failure is reported, never raised."""
+    note. A run that has already ended keeps its status unless ``force``: when Tune stops a trial, the trial's
+    job may see its workers vanish and fail after the sweep has recorded it KILLED. Driver side; a tracking
+    failure is reported, never raised."""
     from mlflow.tracking import MlflowClient
 
     from infra.config import redact_url
@@ -113,6 +115,8 @@ def end_run(tracking_uri: str, run_id: str, status: str, error: str | None = Non
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     client = MlflowClient(tracking_uri)
     try:
+        if not force and client.get_run(run_id).info.status != "RUNNING":
+            return
         if error:
             error = redact_url(error)
             client.set_tag(run_id, "error", error[:5000])

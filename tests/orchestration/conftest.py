@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dataloaders.prepare import ensure_digits
+from orchestration import driver
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
@@ -25,7 +26,8 @@ def ray_cluster(s3_server):
 
     saved = dict(os.environ)
     os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": s3_server})
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
+    driver.forget_dead_cluster()
+    ray.init("local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", configure_logging=False)
     yield
     ray.shutdown()
     os.environ.clear()

@@ -51,6 +51,11 @@ def test_every_metric_reaches_a_sqlite_store_at_its_own_step_with_its_value(tmp_
     assert client.get_run(run_id).info.status == "RUNNING"
     end_run(uri, run_id, "FINISHED")
     assert client.get_run(run_id).info.status == "FINISHED" and client.get_run(run_id).info.end_time
+    # An ended run keeps its status (a trial's job failing after Tune stopped it), unless forced (Tune's own).
+    end_run(uri, run_id, "FAILED", "the workers vanished")
+    assert client.get_run(run_id).info.status == "FINISHED" and "error" not in client.get_run(run_id).data.tags
+    end_run(uri, run_id, "KILLED", "stopped early by the scheduler", force=True)
+    assert client.get_run(run_id).info.status == "KILLED"
 
 
 def test_credentials_never_reach_params_or_the_config_artifact():

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from orchestration import tune
+from orchestration import driver, tune
 from tests.orchestration.conftest import REPO, job_args
 
 # A good, a slower and a much slower learning rate (ASHA stops the last at its first rung: it reaches it
@@ -27,9 +30,10 @@ def ray_cluster(s3_server):
     without it the trials' worker groups never started."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-             configure_logging=False)
-    yield
+    driver.forget_dead_cluster()
+    context = ray.init("local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+                       _node_ip_address="127.0.0.1", configure_logging=False)
+    yield context.address_info["gcs_address"]
     ray.shutdown()
 
 
@@ -90,6 +94,20 @@ def test_tensorboard_gets_the_metric_at_each_training_step(sweep, workspace):
         if "ray/tune/val/loss" in acc.Tags()["scalars"]:
             steps[path.parent.name] = [e.step for e in acc.Scalars("ray/tune/val/loss")]
     assert [5, 10, 15, 20] in steps.values()  # the finished trial, on the training step axis
+    # The HParams view: each ended trial's dotted config keys against its final metrics.
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    lrs = []
+    for path in events:
+        acc = EventAccumulator(str(path.parent))
+        acc.Reload()
+        try:
+            content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        except KeyError:  # the failed trial reported nothing to compare
+            continue
+        start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+        lrs.append(start.hparams["optim.lr"].number_value)
+    assert sorted(lrs) == sorted(LRS[:3]), lrs  # the finished one and the two ASHA stopped
 
 
 def test_a_relaunched_sweep_is_restored_without_rerunning_finished_trials(sweep, workspace):
@@ -133,3 +151,43 @@ def test_the_optuna_searcher_of_each_preset_saves_and_restores(tmp_path):
     restored.restore(str(tmp_path / "searcher.pkl"))
     assert before[0]["sampler"] == 0 and before[0]["flow.logit_mean"] == 0.0  # SD3's rf/lognorm(0, 1) first
     assert [first.suggest(f"u{i}") for i in range(3)] == [restored.suggest(f"u{i}") for i in range(3)]
+
+
+def test_ctrl_c_stops_the_sweep_and_the_printed_command_resumes_it(ray_cluster, workspace):
+    """SIGINT mid-trial: the sweep exits 130 printing the command that resumes it, the parent and the unfinished
+    children are KILLED; that command restores the sweep, and the trials continue from their checkpoints."""
+    from mlflow.tracking import MlflowClient
+
+    args = sweep_args(workspace, "interrupted", "train.steps=30", "tune.scheduler=none",
+                      "tune.space={optim.lr: {grid: [0.001, 0.0001]}}")
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    proc = subprocess.Popen([sys.executable, "orchestration/tune.py", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    jobs = workspace["root"] / "runs" / "interrupted" / "jobs"
+    deadline = time.monotonic() + 240
+    while not list(jobs.glob("*/checkpoint_00000010/COMPLETE")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, out[-2000:] + err[-3000:]
+    resume = err.split("resume it from where it stopped with\n")[1].splitlines()[0].split()
+    assert resume[:2] == ["python", "orchestration/tune.py"] and "run.name=interrupted" in resume
+
+    client = MlflowClient(workspace["mlflow"])
+    experiment = client.get_experiment_by_name("tune-timesteps-demo").experiment_id
+    (parent,) = client.search_runs([experiment], filter_string="tags.`flowscale.run_name` = 'interrupted'")
+    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert parent.info.status == "KILLED" and children
+    assert all(c.info.status in ("KILLED", "FINISHED") for c in children)
+
+    again = subprocess.run([sys.executable, *resume[1:]], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "restored from" in again.stdout and "trials       2: 2 finished" in again.stdout
+    assert all((job / "checkpoint_00000030" / "COMPLETE").exists() for job in jobs.iterdir())
+    children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]  # reopened, none added
+    # The trial that had checkpointed continued from there rather than starting over.
+    assert any(int(c.data.tags.get("resumed_from_step", 0)) >= 10 for c in children)
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
