@@ -60,6 +60,7 @@ def throughput(cfg: JobConfig, flops_per_sample: float, gpus: int, hw: Hardware)
         "sample_mib": mib,
         "mib_per_second_per_gpu": per_gpu * mib,
         "mib_per_second_per_node": per_gpu * mib * min(gpus, hw.gpus_per_node),
+        "mib_per_second": per_gpu * mib * gpus,
     }
 
 
@@ -151,7 +152,7 @@ def format_report(r: dict) -> str:
     lines.append(f"  step                {t['step_seconds']:.3f} s for a global batch of {r['global_batch_size']}")
     lines.append(f"  samples/s           {t['samples_per_second']:,.0f} ({t['samples_per_second_per_gpu']:.1f} per GPU)")
     lines.append(f"  data                {t['sample_mib']:.3f} MiB/sample: {t['mib_per_second_per_gpu']:.1f} MiB/s per "
-                 f"GPU, {t['mib_per_second_per_node']:.1f} MiB/s per node")
+                 f"GPU, {t['mib_per_second_per_node']:.1f} MiB/s per node, {t['mib_per_second']:.0f} MiB/s in all")
     return "\n".join(lines)
 
 
