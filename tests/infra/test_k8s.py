@@ -8,13 +8,17 @@ import copy
 import json
 import re
 import shlex
-import tomllib
 from functools import cache
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
 
 from infra.config import JobConfig, load_config
 
