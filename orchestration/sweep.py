@@ -169,7 +169,8 @@ def optuna_points(cfg: JobConfig) -> list[dict]:
 
 
 def trial_overrides(cfg: JobConfig, values: dict) -> dict[str, object]:
-    """A trial's Tune config -> dotted config key -> value."""
+    """A trial's Tune config -> dotted config key -> value, typed as the config types it (YAML reads `1e-5`
+    in a space as a string; the summary, the plot and TensorBoard's HParams need the number)."""
     out: dict[str, object] = {}
     for name, spec in cfg.tune.space.items():
         kind, arg = distribution(name, spec)
@@ -180,7 +181,19 @@ def trial_overrides(cfg: JobConfig, values: dict) -> dict[str, object]:
         option = arg[value] if isinstance(value, int) else value  # Optuna gives the index, Tune the option
         for key, v in option.items():
             out[key] = values[key] if isinstance(v, dict) else v
-    return out
+    try:
+        job = build_config(apply_overrides(cfg.model_dump(mode="json"),
+                                           [f"{k}={json.dumps(v)}" for k, v in out.items()]))
+    except ConfigError:  # reported where the trial runs
+        return out
+    return {key: _dotted(job, key) for key in out}
+
+
+def _dotted(cfg: JobConfig, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def trial_config(sweep: dict, values: dict, trial_id: str) -> JobConfig:
