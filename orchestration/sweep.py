@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -484,6 +485,10 @@ def run(cfg: JobConfig, source: str = "orchestration/tune.py") -> SweepResult:
         parent = open_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, cfg.run.name, params, dump_config(cfg),
                           {**source_tags(source), "flowscale.sweep": "true"})
     driver.connect_ray()
+    driver.stop_on_sigterm()  # `ray job stop` stops a submitted sweep as Ctrl-C does
+    # Ctrl-C raises here rather than in Tune's handler, which ends the trials and returns their results as if
+    # the sweep were over; the experiment state Tune saves as it goes is what a relaunch restores.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     tuner, restored = build_tuner(cfg, parent)
     print(f"sweep {cfg.run.name}: {'restored from' if restored else 'writing to'} {path}", flush=True)
     try:
@@ -519,11 +524,11 @@ def record(cfg: JobConfig, result: SweepResult) -> None:
         if best_run is not None:
             config = client.download_artifacts(best_run.info.run_id, "config.yaml", tempfile.mkdtemp())
             client.log_artifact(run_id, config, "best")
-    if result.interrupted:
-        for row in result.rows:  # trials Tune left unfinished: their jobs were stopped with the sweep
-            child = find_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, row["run"])
-            if child is not None and child.info.status == "RUNNING":
-                end_run(cfg.mlflow.tracking_uri, child.info.run_id, "KILLED", "the sweep was interrupted")
+    if result.interrupted:  # the trials still running were stopped with the sweep
+        experiment = client.get_run(run_id).info.experiment_id
+        for child in client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' "
+                                        "and attributes.status = 'RUNNING'"):
+            end_run(cfg.mlflow.tracking_uri, child.info.run_id, "KILLED", "the sweep was interrupted")
     end_run(cfg.mlflow.tracking_uri, run_id, "KILLED" if result.interrupted else "FINISHED",
             "interrupted (Ctrl-C or ray job stop)" if result.interrupted else None)
 
