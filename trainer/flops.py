@@ -66,19 +66,26 @@ class MemoryEstimate:
         }
 
 
+def state_shards(cfg: JobConfig, gpus: int) -> int:
+    """Over how many of ``gpus`` FSDP2 splits the training state: all of them, or a group of
+    ``cluster.shard_size`` under HSDP."""
+    return min(gpus, cfg.cluster.shard_size or gpus)
+
+
 def memory_per_gpu(
     cfg: JobConfig, n_params: int, block_params: int, gpus: int, micro_batch: int, act_bytes: int = 2
 ) -> MemoryEstimate:
     """An FSDP2 estimate for one GPU of ``gpus`` with ``micro_batch`` samples.
 
-    Sharded fp32 state: params, grads, two AdamW moments and the EMA, each 4 bytes / parameter / gpus.
+    Sharded fp32 state: params, grads, two AdamW moments and the EMA, each 4 bytes / parameter / shards, where
+    shards is ``gpus``, or ``cluster.shard_size`` of them under HSDP (replicated across the groups).
     Unsharded: bf16 copies of the block being computed and the one prefetched. Activations: the measured
     saved elements per token per block (at ``act_bytes`` each) over all blocks; with checkpointing only
     each block's two input streams are kept, plus one block's activations during its recompute.
     """
     img, txt = tokens(cfg)
     S, D, d = img + txt, cfg.model.hidden_size, cfg.model.depth
-    shard = 4.0 * n_params / gpus
+    shard = 4.0 * n_params / state_shards(cfg, gpus)
     per_block_act = SAVED_ELEMENTS_PER_TOKEN_PER_BLOCK * S * D * act_bytes * micro_batch
     return MemoryEstimate(
         params=shard,

@@ -51,6 +51,7 @@ def inspect_config(cfg: JobConfig, gpus: int, micro_batch: int | None = None, co
         "flops_per_sample": formula,
         "gpus": gpus,
         "micro_batch_per_gpu": micro,
+        "state_sharded_over": flops.state_shards(cfg, gpus),
         "memory_per_gpu_gib": {
             "without_checkpointing": mem.as_gib(checkpointing=False),
             "with_checkpointing": mem.as_gib(checkpointing=True),
@@ -78,7 +79,8 @@ def format_report(r: dict) -> str:
             f"  counted (FlopCounterMode)  {r['flops_per_sample_counted'] / 1e12:.3f} TFLOP "
             f"(formula / counted = {r['flops_formula_over_counted']:.3f})"
         )
-    lines.append(f"FSDP2 memory per GPU, {r['gpus']} GPU(s), micro-batch {r['micro_batch_per_gpu']} (GiB):")
+    shards = f", state sharded over {r['state_sharded_over']} (HSDP)" if r["state_sharded_over"] < r["gpus"] else ""
+    lines.append(f"FSDP2 memory per GPU, {r['gpus']} GPU(s){shards}, micro-batch {r['micro_batch_per_gpu']} (GiB):")
     no, yes = r["memory_per_gpu_gib"]["without_checkpointing"], r["memory_per_gpu_gib"]["with_checkpointing"]
     lines.append(f"  {'':<18}{'no checkpointing':>18}{'checkpointing':>16}")
     for key in no:
