@@ -28,7 +28,7 @@ BATCH = 8
 # grad_clip well below the gradient norm: every step clips, so the global norm over the 2D mesh matters.
 OVERRIDES = ["model.depth=2", "model.head_dim=16", f"train.global_batch_size={BATCH}", "optim.schedule=constant",
              "optim.warmup_steps=0", "optim.grad_clip=0.05", "optim.lr=1e-3", "train.eval_every=0",
-             "train.log_every=1", f"cluster.num_workers={RANKS}"]
+             "train.log_every=1", "sample.steps=3", f"cluster.num_workers={RANKS}"]
 
 
 class GivenNoiseFlow(RectifiedFlowRecipe):
@@ -55,18 +55,23 @@ def _local(batches: list[dict]) -> list[dict]:
     return [{k: v[rank * n:(rank + 1) * n] for k, v in b.items()} for b in batches]
 
 
-class Losses(TrainHooks):
+class Record(TrainHooks):
     def __init__(self):
         self.logged: list[dict[str, float]] = []
+        self.evaluated: list[tuple[dict[str, float], dict | None]] = []
 
     def on_log(self, step, metrics):
         self.logged.append(metrics)
 
+    def on_eval(self, step, metrics, images):
+        self.evaluated.append((metrics, images))
+
 
 def _trainer(shard_size: int, steps: int, seed: int) -> Trainer:
+    """A fresh trainer; ``seed`` is also validation's and sampling's (the same for all that are compared)."""
     cfg = load_config("demo", OVERRIDES + [f"cluster.shard_size={shard_size}", f"train.steps={steps}",
                                            f"train.seed={seed % 2**31}"])
-    trainer = Trainer(cfg, GivenNoiseFlow(cfg, EMPTY), Losses())
+    trainer = Trainer(cfg, GivenNoiseFlow(cfg, EMPTY), Record())
     _perturb(trainer.model)  # leave adaLN-Zero's identity so every parameter trains
     trainer.ema = type(trainer.ema)(trainer.model, cfg.optim.ema_decay, cfg.optim.ema_warmup)
     return trainer
@@ -94,16 +99,24 @@ def _next_loss(trainer: Trainer, batch: dict) -> float:
     return trainer.hooks.logged[-1]["loss"]
 
 
-def _written(trainer: Trainer, directory: str, batch: dict) -> tuple[dict, float]:
-    """Save ``trainer`` into ``directory``: (its state, the loss of the step it takes next on ``batch``)."""
+def _measured(trainer: Trainer, batches: list[dict]) -> tuple[dict, tuple, float]:
+    """(state, evaluation, next loss): the full state; the validation losses on ``batches[0]`` and the EMA
+    samples for two of its captions (rank 0's; None on the others); the loss of the step then taken on
+    ``batches[1]`` (after the EMA weights were swapped in for sampling and out again)."""
+    state = _state(trainer)
+    trainer.evaluate(_local(batches[:1]), (batches[0]["text_tokens"][:2], batches[0]["text_pooled"][:2]), None)
+    metrics, images = trainer.hooks.evaluated[-1]
+    return state, (metrics, images and images["samples"]), _next_loss(trainer, batches[1])
+
+
+def _written(trainer: Trainer, directory: str, batches: list[dict]) -> tuple[dict, tuple, float]:
     checkpoint.save(trainer, directory)
-    return _state(trainer), _next_loss(trainer, batch)
+    return _measured(trainer, batches)
 
 
-def _loaded(trainer: Trainer, directory: str, batch: dict) -> tuple[dict, float]:
-    """Load ``directory`` into ``trainer``: (its state, the loss of the step it takes next on ``batch``)."""
+def _loaded(trainer: Trainer, directory: str, batches: list[dict]) -> tuple[dict, tuple, float]:
     checkpoint.load(trainer, directory)
-    return _state(trainer), _next_loss(trainer, batch)
+    return _measured(trainer, batches)
 
 
 def _assert_equal_states(got: dict, want: dict, what: str) -> None:
@@ -177,20 +190,20 @@ def test_hsdp_training_steps_equal_one_process_on_the_global_batch():
 
 
 def _checkpoint_worker(rank: int, port: int, seed: int, tmp: str) -> None:
-    """HSDP writes A; plain FSDP2 loads A, steps, writes B; HSDP loads B and steps; the sCD teacher loads A
-    under HSDP. Rank 0 records every state and loss for the parent to compare."""
+    """HSDP validates and writes A; plain FSDP2 loads A, steps, writes B; HSDP loads B; each measured as it is
+    written and loaded; the sCD teacher loads A under HSDP. Rank 0 records it all for the parent to compare."""
     _init(rank, port)
     batches = _batches(seed, 4)
     record = {}
 
     a, b = os.path.join(tmp, "A"), os.path.join(tmp, "B")
     hsdp = _trainer(2, steps=2, seed=seed)
-    hsdp.fit(iter(_local(batches[:2])))
-    record["A"] = _written(hsdp, a, batches[2])
-    plain = _trainer(0, steps=2, seed=seed + 1)
-    record["A in plain FSDP2"] = _loaded(plain, a, batches[2])
-    record["B"] = _written(plain, b, batches[3])
-    record["B in HSDP"] = _loaded(_trainer(2, steps=2, seed=seed + 2), b, batches[3])
+    hsdp.fit(iter(_local(batches[:2])), val_batches=_local(batches[:1]))  # validates at its last step
+    record["A"] = _written(hsdp, a, batches[1:3])
+    plain = _trainer(0, steps=2, seed=seed)
+    record["A in plain FSDP2"] = _loaded(plain, a, batches[1:3])
+    record["B"] = _written(plain, b, batches[2:4])
+    record["B in HSDP"] = _loaded(_trainer(2, steps=2, seed=seed), b, batches[2:4])
 
     cfg = load_config("demo", OVERRIDES + ["cluster.shard_size=2", f"distill.teacher={tmp}/A"])
     recipe = SCDRecipe(cfg, EMPTY)
@@ -212,15 +225,23 @@ def test_checkpoints_move_between_hsdp_plain_fsdp2_and_one_process():
         record = torch.load(os.path.join(tmp, "record.pt"), weights_only=True)
         # HSDP -> plain FSDP2 on the same ranks, and back: the same numbers, bit for bit.
         for written, loaded in (("A", "A in plain FSDP2"), ("B", "B in HSDP")):
-            _assert_equal_states(record[loaded][0], record[written][0], loaded)
-            assert record[loaded][1] == record[written][1], loaded
-        # Either, in one process: the same weights and state; the next loss up to one process's summation order.
-        for name, batch in (("A", batches[2]), ("B", batches[3])):
-            state, loss = _loaded(_trainer(0, steps=2, seed=seed + 3), os.path.join(tmp, name), batch)
-            _assert_equal_states(state, record[name][0], f"{name} in one process")
-            assert abs(loss - record[name][1]) <= 1e-5 * abs(record[name][1]), (name, seed)
+            (state, evaluation, loss), want = record[loaded], record[written]
+            _assert_equal_states(state, want[0], loaded)
+            assert evaluation[0] == want[1][0] and torch.equal(evaluation[1], want[1][1]), loaded
+            assert loss == want[2], loaded
+        # Either, in one process: the same weights and state; samples and loss up to the summation order. (Not
+        # the validation losses: each rank draws validation noise for its own slice, so they depend on the
+        # number of ranks.)
+        for name, part in (("A", batches[1:3]), ("B", batches[2:4])):
+            single = _trainer(0, steps=2, seed=seed)
+            state, (_, samples), loss = _loaded(single, os.path.join(tmp, name), part)
+            want = record[name]
+            _assert_equal_states(state, want[0], f"{name} in one process")
+            torch.testing.assert_close(samples, want[1][1], rtol=1e-4, atol=1e-5)
+            assert abs(loss - want[2]) <= 1e-5 * abs(want[2]), (name, seed)
     # The sCD teacher loads an HSDP checkpoint's EMA under HSDP, and the student starts from it.
-    ema = {canonical_name(k.removeprefix("ema/")): v for k, v in record["A"][0].items() if k.startswith("ema/")}
+    ema = {canonical_name(k.removeprefix("ema/")): v for k, v in record["A"][0].items()
+           if k.startswith("ema/")}
     assert record["teacher"].keys() == ema.keys()
     for name, value in ema.items():
         assert torch.equal(record["teacher"][name], value), name
