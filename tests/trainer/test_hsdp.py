@@ -19,6 +19,7 @@ from tests.trainer.test_distributed import EMPTY, _free_port, _perturb
 from trainer import checkpoint, flow
 from trainer.loop import Trainer, TrainHooks
 from trainer.models.mmdit import canonical_name
+from trainer.optim import EMA
 from trainer.parallelize import hsdp_mesh
 from trainer.recipes.rectified_flow import RectifiedFlowRecipe
 from trainer.recipes.scd import SCDRecipe
@@ -73,7 +74,7 @@ def _trainer(shard_size: int, steps: int, seed: int) -> Trainer:
                                            f"train.seed={seed % 2**31}"])
     trainer = Trainer(cfg, GivenNoiseFlow(cfg, EMPTY), Record())
     _perturb(trainer.model)  # leave adaLN-Zero's identity so every parameter trains
-    trainer.ema = type(trainer.ema)(trainer.model, cfg.optim.ema_decay, cfg.optim.ema_warmup)
+    trainer.ema = EMA(trainer.model, cfg.optim.ema_decay, cfg.optim.ema_warmup)  # of the perturbed weights
     return trainer
 
 
