@@ -22,7 +22,7 @@ import torch.distributed as dist
 from infra.config import JobConfig
 from trainer import flops
 from trainer.optim import EMA, build_optimizer, lr_factor
-from trainer.parallelize import materialize, parallelize, reshard, world
+from trainer.parallelize import materialize, parallelize, reshard, resolve_device, world
 from trainer.rng import RankStreams
 
 if TYPE_CHECKING:  # the recipes import this module (resolve_precision)
@@ -47,13 +47,6 @@ class TrainHooks:
 
     def on_checkpoint(self, step: int, trainer: "Trainer") -> None:
         """Save ``trainer.state_dict()`` (all ranks participate)."""
-
-
-def resolve_device(cfg: JobConfig) -> torch.device:
-    if cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    local = dist.get_rank() % torch.cuda.device_count() if dist.is_initialized() else 0
-    return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else local)
 
 
 def resolve_precision(cfg: JobConfig, device: torch.device) -> torch.dtype | None:

@@ -38,6 +38,14 @@ def test_memory_shards_with_the_number_of_gpus():
         assert abs(one["without_checkpointing"][key] / eight["without_checkpointing"][key] - 8) < 1e-9
 
 
+def test_hsdp_memory_stays_that_of_one_shard_group_however_many_gpus_join():
+    plain = inspect_config(load_config("mmdit-2b"), 8, micro_batch=4, count_flops=False)
+    cfg = load_config("mmdit-2b", ["cluster.num_workers=64", "cluster.shard_size=8"])
+    hsdp = inspect_config(cfg, 64, micro_batch=4, count_flops=False)
+    assert hsdp["shard_group"] == 8 and hsdp["replicas"] == 8
+    assert hsdp["memory_per_gpu_gib"] == plain["memory_per_gpu_gib"]
+
+
 def test_a_config_typo_is_reported_by_key():
     out = subprocess.run([sys.executable, "-m", "trainer.inspect", "demo", "model.dpeth=3"], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
