@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from infra.config import ConfigError, dump_config, load_config, redact_url
@@ -55,7 +56,8 @@ def main(argv: list[str] | None, *, doc: str, script: str, preset: str, recipe: 
         result = None
     if result is None or result.interrupted:
         print(f"\ninterrupted: {cfg.run.name} is recorded as KILLED; resume it from where it stopped with\n"
-              f"  python {source} --config {args.config} run.name={cfg.run.name} {' '.join(args.overrides)}",
+              f"  python {source} --config {args.config} run.name={cfg.run.name} "
+              f"{' '.join(shlex.quote(o) for o in args.overrides if not o.startswith('run.name='))}",
               file=sys.stderr)
         return 130
     if result.error is not None:

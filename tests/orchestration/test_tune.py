@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -171,7 +172,7 @@ def test_ctrl_c_stops_the_sweep_and_the_printed_command_resumes_it(ray_cluster, 
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 130, out[-2000:] + err[-3000:]
-    resume = err.split("resume it from where it stopped with\n")[1].splitlines()[0].split()
+    resume = shlex.split(err.split("resume it from where it stopped with\n")[1].splitlines()[0])
     assert resume[:2] == ["python", "orchestration/tune.py"] and "run.name=interrupted" in resume
 
     client = MlflowClient(workspace["mlflow"])
