@@ -166,7 +166,11 @@ def test_ctrl_c_stops_the_sweep_and_the_printed_command_resumes_it(ray_cluster, 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     jobs = workspace["root"] / "runs" / "interrupted" / "jobs"
     deadline = time.monotonic() + 240
-    while not list(jobs.glob("*/checkpoint_00000010/COMPLETE")) and time.monotonic() < deadline:
+
+    def registered() -> bool:  # Ray Train resumes from the checkpoints its controller's snapshot lists
+        return any("checkpoint_00000010" in p.read_text() for p in jobs.glob("*/checkpoint_manager_snapshot.json"))
+
+    while not registered() and time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -190,5 +194,6 @@ def test_ctrl_c_stops_the_sweep_and_the_printed_command_resumes_it(ray_cluster, 
     children = client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.info.status for c in children) == ["FINISHED", "FINISHED"]  # reopened, none added
     # The trial that had checkpointed continued from there rather than starting over.
-    assert any(int(c.data.tags.get("resumed_from_step", 0)) >= 10 for c in children)
+    assert any(int(c.data.tags.get("resumed_from_step", 0)) >= 10 for c in children), \
+        [line for line in again.stdout.splitlines() if "resumed" in line or line.startswith("run ")]
     assert client.get_run(parent.info.run_id).info.status == "FINISHED"
