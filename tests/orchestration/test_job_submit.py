@@ -75,6 +75,7 @@ def test_sweep_submitted_to_a_local_head_succeeds(ray_head, tmp_path):
     out = submit(address, env, "orchestration/tune.py", *TINY, "train.steps=4", "train.eval_every=2",
                  "checkpoint.every=0", "sample.quality=", "sample.prompts=[]", "cluster.max_failures=0",
                  "tune.metric=val/loss", "tune.search=grid", "tune.points_to_evaluate=[]", "tune.scheduler=none",
+                 "tune.num_samples=1",
                  "tune.space={optim.lr: {grid: [0.001, 0.0001]}}", f"data.url={data}",
                  f"run.storage_path={tmp_path / 'runs'}", "run.name=submitted-sweep",
                  f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}")
