@@ -58,8 +58,11 @@ DEFAULT_PORTS = {
 ADMIN_GRPC_OFFSET = 10000
 # Client variables that hold a secret: printed only by `env`, which exists to print them.
 SECRET_VARS = ("AWS_SECRET_ACCESS_KEY",)
-# Inherited settings that would point a service (or a job on the Ray head) at another cluster or account.
-FOREIGN_VARS = ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+# Settings a shell may hold for another cluster or account that would override or mix with the stack's:
+# RAY_AUTH_TOKEN wins over RAY_AUTH_TOKEN_PATH, a session token would be sent with the stack's keys. `env`
+# unsets them, and no service inherits them (nor RAY_ADDRESS).
+SHADOWING_VARS = ("RAY_AUTH_TOKEN", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+FOREIGN_VARS = ("RAY_ADDRESS", *SHADOWING_VARS)
 
 
 class StackError(RuntimeError):
@@ -520,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "status":
             return status()
         else:
-            print("\n".join(export_lines(client_env(open_stack()), True)))
+            print("\n".join([f"unset {' '.join(SHADOWING_VARS)}", *export_lines(client_env(open_stack()), True)]))
     except StackError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

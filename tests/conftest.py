@@ -143,10 +143,10 @@ class LocalStack:
         return {p.stem: json.loads(p.read_text())["pid"] for p in (self.home / "stack" / "pids").glob("*.json")}
 
     def env(self) -> dict[str, str]:
-        """The client environment, as ``eval "$(python -m infra.local env)"`` sets it in a shell."""
-        from infra.local import client_env, open_stack
+        """This process's environment as ``eval "$(python -m infra.local env)"`` leaves it in a shell."""
+        from infra.local import FOREIGN_VARS, client_env, open_stack
 
-        return client_env(open_stack())
+        return {**{k: v for k, v in os.environ.items() if k not in FOREIGN_VARS}, **client_env(open_stack())}
 
 
 @contextlib.contextmanager

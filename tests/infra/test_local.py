@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -23,9 +24,11 @@ SERVICES = ("s3", "mlflow", "ray")
 
 
 def shell_env() -> dict[str, str]:
-    """What `eval "$(python -m infra.local env)"` sets in a shell."""
+    """What `eval "$(python -m infra.local env)"` leaves in a shell that held another cluster's token and
+    another account's session."""
+    stale = {**os.environ, "RAY_AUTH_TOKEN": "another-cluster", "AWS_SESSION_TOKEN": "another-account"}
     out = subprocess.run(["bash", "-c", f'eval "$({sys.executable} -m infra.local env)" && env -0'], cwd=REPO,
-                         capture_output=True, text=True, check=True, timeout=60)
+                         capture_output=True, text=True, check=True, timeout=60, env=stale)
     return dict(line.split("=", 1) for line in out.stdout.split("\0") if "=" in line)
 
 
@@ -71,6 +74,7 @@ def test_up_again_keeps_the_services_down_stops_every_process_and_the_data_survi
     assert env["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{local_stack.ports['s3']}"
     assert env["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{local_stack.ports['mlflow']}"
     assert env["RAY_ADDRESS"] == f"http://127.0.0.1:{local_stack.ports['ray_dashboard']}"
+    assert "RAY_AUTH_TOKEN" not in env and "AWS_SESSION_TOKEN" not in env  # either would override the stack's
     token = open(env["RAY_AUTH_TOKEN_PATH"]).read().strip()
     assert env["RAY_AUTH_MODE"] == "token" and token
     assert http(f"{env['RAY_ADDRESS']}/api/version", token=token)[0] == 200

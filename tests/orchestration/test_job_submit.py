@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from dataloaders.prepare import ensure_digits
@@ -18,7 +16,7 @@ def ray_head(local_stack):
 
     stack = local.open_stack(local_stack.ports, num_cpus=2, create=True)
     local.start(stack, next(s for s in local.SERVICES if s.name == "ray"))
-    return {**os.environ, **local.client_env(stack)}
+    return local_stack.env()
 
 
 def test_job_submitted_to_a_local_head_succeeds(ray_head, tmp_path):
