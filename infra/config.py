@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -22,6 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRESET_DIR = REPO_ROOT / "configs"
+
+
+def flowscale_home() -> Path:
+    """Where flowscale keeps things on this machine when the config does not say (demo data, local runs,
+    caches, the local stack): ``FLOWSCALE_HOME``, by default ``~/flowscale``."""
+    return Path(os.environ.get("FLOWSCALE_HOME", Path.home() / "flowscale")).expanduser()
 
 
 class ConfigError(ValueError):

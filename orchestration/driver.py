@@ -33,7 +33,7 @@ class JobResult:
 
     cfg: JobConfig
     run_dir: str
-    checkpoint: str | None = None  # the last reported checkpoint (storage-relative path for remote storage)
+    checkpoint: str | None = None  # the last reported checkpoint: a directory, or a URL for remote storage
     metrics: dict = field(default_factory=dict)  # the last reported metrics
     grids: list[str] = field(default_factory=list)  # local PNGs of the final sample grids
     mlflow_run_id: str | None = None
@@ -223,16 +223,21 @@ def open_tracking(cfg: JobConfig, source: str, tags: dict[str, str] | None = Non
         return None
 
 
-def final_grids(cfg: JobConfig, checkpoint_path: str, run_dir: str) -> list[str]:
+def checkpoint_uri(cfg: JobConfig, path: str) -> str:
+    """A checkpoint Ray Train reported, as a URL every reader opens: with s3:// storage on a custom endpoint,
+    Ray is given a bucket-relative path (``storage``), which alone would read as a local directory."""
+    if cfg.run.storage_path.startswith("s3://") and "://" not in path:
+        return "s3://" + path
+    return path
+
+
+def final_grids(cfg: JobConfig, uri: str, run_dir: str) -> list[str]:
     """One PNG per entry of the recipe's ``sample_grids``, sampled from the final checkpoint's EMA weights."""
     from orchestration.images import make_grid, save_png
     from orchestration.sample import sample_checkpoint
 
     if not cfg.sample.prompts:
         return []
-    uri = checkpoint_path
-    if cfg.run.storage_path.startswith("s3://") and "://" not in uri:
-        uri = "s3://" + uri
     out_dir = Path(run_dir) if "://" not in run_dir else paths.grids_dir(cfg.run.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -264,7 +269,7 @@ def run(cfg: JobConfig, source: str = "", callbacks: list | None = None, tags: d
         stop_on_sigterm()
         fitted = launch(cfg, run_id, callbacks)
         result.metrics, result.error = dict(fitted.metrics or {}), fitted.error
-        result.checkpoint = fitted.checkpoint.path if fitted.checkpoint else None
+        result.checkpoint = checkpoint_uri(cfg, fitted.checkpoint.path) if fitted.checkpoint else None
         if result.error is None and result.checkpoint:
             result.grids = final_grids(cfg, result.checkpoint, run_dir)
             if result.grids and run_id:

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-HOME = Path(os.environ.get("FLOWSCALE_HOME", Path.home() / "flowscale")).expanduser()
+from infra.config import flowscale_home
+
+HOME = flowscale_home()
 
 
 def runs_dir() -> Path:

@@ -8,15 +8,21 @@ Python-level mocks, and because loader worker processes must reach it too (they 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import os
 import socket
+import subprocess
 import sys
 import urllib.request
 import uuid
+from pathlib import Path
 
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Triton reads TRITON_INTERPRET when it is first imported, and libraries imported by other test directories
 # (transformers, diffusers) import it early. This root conftest loads before any test module, so on a machine
@@ -51,10 +57,20 @@ S3_ENV = {
 }
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 (all held open until every one is chosen)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +115,54 @@ def _no_stale_s3fs_instances():
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+class LocalStack:
+    """``python -m infra.local`` against a stack under its own FLOWSCALE_HOME, on free ports."""
+
+    def __init__(self, home: Path):
+        from infra.local import ADMIN_GRPC_OFFSET, DEFAULT_PORTS, port_in_use
+
+        self.home = home
+        self.ports = dict(zip(DEFAULT_PORTS, free_ports(len(DEFAULT_PORTS))))
+        while not (self.ports["weed_admin"] + ADMIN_GRPC_OFFSET <= 65535  # SeaweedFS listens there too
+                   and not port_in_use(self.ports["weed_admin"] + ADMIN_GRPC_OFFSET)):
+            self.ports["weed_admin"] = free_port()
+        self.port_args = [f"--port={name}={port}" for name, port in self.ports.items()]
+
+    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "infra.local", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def up(self, *args: str) -> subprocess.CompletedProcess:
+        out = self.cli("up", *args)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        return out
+
+    def pids(self) -> dict[str, int]:
+        return {p.stem: json.loads(p.read_text())["pid"] for p in (self.home / "stack" / "pids").glob("*.json")}
+
+    def env(self) -> dict[str, str]:
+        """This process's environment as ``eval "$(python -m infra.local env)"`` leaves it in a shell."""
+        from infra.local import FOREIGN_VARS, client_env, open_stack
+
+        return {**{k: v for k, v in os.environ.items() if k not in FOREIGN_VARS}, **client_env(open_stack())}
+
+
+@contextlib.contextmanager
+def local_stack_at(home: Path, monkeypatch: pytest.MonkeyPatch):
+    """A ``LocalStack`` (not started) with FLOWSCALE_HOME at ``home``; brought down at the end, whatever was
+    left running."""
+    monkeypatch.setenv("FLOWSCALE_HOME", str(home))
+    stack = LocalStack(home)
+    try:
+        yield stack
+    finally:
+        if (home / "stack" / "stack.json").exists():
+            stack.cli("down")
+
+
+@pytest.fixture
+def local_stack(tmp_path, monkeypatch):
+    with local_stack_at(tmp_path / "home", monkeypatch) as stack:
+        yield stack

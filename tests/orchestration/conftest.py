@@ -12,8 +12,8 @@ import pytest
 
 from dataloaders.prepare import ensure_digits
 from orchestration import driver
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 STEPS = 30
 
 
@@ -40,7 +40,8 @@ def workspace(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pretrain")
     paths.HOME = root  # the jobs' local defaults (caches, grids of S3-stored runs) stay inside the test's directory
-    return {"root": root, "data": ensure_digits(root / "digits"), "mlflow": f"sqlite:///{root / 'mlflow.db'}"}
+    return {"root": root, "data": ensure_digits(root / "digits"), "runs": root / "runs",
+            "mlflow": f"sqlite:///{root / 'mlflow.db'}"}
 
 
 def job_args(ws, name: str, *extra: str) -> list[str]:
@@ -49,7 +50,7 @@ def job_args(ws, name: str, *extra: str) -> list[str]:
         "train.log_every=5", "train.eval_every=0", "train.val_batches=1", "optim.schedule=constant",
         "optim.warmup_steps=0", "checkpoint.every=10", "checkpoint.keep=2", "sample.steps=3",
         "sample.num_per_prompt=1", "cluster.max_failures=2", "mlflow.system_metrics=false",
-        f"data.url={ws['data']}", f"run.storage_path={ws['root'] / 'runs'}", f"run.name={name}",
+        f"data.url={ws['data']}", f"run.storage_path={ws['runs']}", f"run.name={name}",
         f"mlflow.tracking_uri={ws['mlflow']}", *extra,
     ]
 
@@ -71,3 +72,8 @@ def run_sample_cli(checkpoint_uri: str, out: Path, steps: int = 3) -> subprocess
         cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+def submit_job(env: dict[str, str], script: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``ray job submit --working-dir . -- python SCRIPT ARGS`` from the repository, to the cluster that
+    ``env`` names (RAY_ADDRESS, the token variables); waits for the job to end."""
+    return subprocess.run(["ray", "job", "submit", "--working-dir", ".", "--", "python", script, *args],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=timeout)

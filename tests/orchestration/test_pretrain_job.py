@@ -101,17 +101,20 @@ def test_sample_cli_names_a_missing_checkpoint(tmp_path):
     assert out.returncode == 2 and str(tmp_path / "nope") in out.stderr
 
 
-def test_checkpoints_stored_in_s3_resume_and_sample(ray_cluster, workspace, s3_bucket, tmp_path):
+def test_checkpoints_stored_in_s3_resume_and_sample(ray_cluster, workspace, s3_bucket, tmp_path, capsys):
     import s3fs
 
     storage = f"{s3_bucket}/runs"
     assert pretrain.main(job_args(workspace, "in-s3", "train.steps=10", f"run.storage_path={storage}")) == 0
     fs = s3fs.S3FileSystem()
     assert fs.exists(f"{storage}/in-s3/checkpoint_00000010/COMPLETE")
+    capsys.readouterr()
     assert pretrain.main(job_args(workspace, "in-s3", "train.steps=20", f"run.storage_path={storage}")) == 0
     _, run = mlflow_run(workspace, "in-s3")
     assert run.data.tags["resumed_from_step"] == "10"
-    out = run_sample_cli(f"{storage}/in-s3/checkpoint_00000020", tmp_path)
+    printed = next(line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("checkpoint "))
+    assert printed == f"{storage}/in-s3/checkpoint_00000020"  # what the job says is what sampling takes
+    out = run_sample_cli(printed, tmp_path)
     assert out.returncode == 0, out.stderr
 
 
