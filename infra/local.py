@@ -19,6 +19,7 @@ jobs, MLflow's server workers) along, and ``down`` stops a process only if its p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
@@ -269,10 +270,19 @@ def mlflow_healthy(stack: Stack) -> bool:
     return http_ok(f"{stack.url('mlflow')}/health")
 
 
+def ray_temp_dir(stack: Stack) -> Path:
+    """Ray's session files and logs for this stack. A directory of its own keeps `ray start` from recording
+    the stack as the machine's current cluster (/tmp/ray/ray_current_cluster), which every bare `ray.init()`
+    on the machine would then try to join, even after `down`. Short and under /tmp: Ray's socket paths
+    must fit in 107 bytes."""
+    return Path("/tmp") / f"ray-flowscale-{hashlib.sha1(str(stack.root).encode()).hexdigest()[:8]}"
+
+
 def ray_command(stack: Stack) -> list[str]:
     p = stack.ports
     return [
         find_binary("ray") or "ray", "start", "--head", "--block", f"--node-ip-address={HOST}", f"--port={p['ray']}",
+        f"--temp-dir={ray_temp_dir(stack)}",
         "--include-dashboard=true", f"--dashboard-host={HOST}", f"--dashboard-port={p['ray_dashboard']}",
         f"--ray-client-server-port={p['ray_client']}", f"--dashboard-agent-listen-port={p['ray_agent']}",
         # Workers take ports the OS hands out, not Ray's fixed 10002-19999 range, which holds the object
@@ -490,7 +500,8 @@ def status() -> int:
     """What runs where; 0 when every service runs and answers, 1 otherwise."""
     stack = open_stack()
     where = {"s3": stack.url("s3") + f" (buckets {', '.join(BUCKETS)})", "mlflow": stack.url("mlflow"),
-             "ray": f"{stack.url('ray_dashboard')} (GCS {HOST}:{stack.ports['ray']})"}
+             "ray": f"{stack.url('ray_dashboard')} (GCS {HOST}:{stack.ports['ray']}, "
+                    f"Ray's logs in {ray_temp_dir(stack)}/session_latest/logs)"}
     print(f"stack {stack.root} (data in {stack.data})")
     ok = True
     for service in SERVICES:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import psutil
 import pytest
@@ -59,6 +60,12 @@ def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
     return [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
+def machine_ray_address() -> str | None:
+    """The cluster a bare `ray.init()` on this machine joins: the one `ray start` last recorded by default."""
+    path = Path(os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp") / "ray" / "ray_current_cluster"
+    return path.read_text().strip() if path.exists() else None
+
+
 def test_up_again_keeps_the_services_down_stops_every_process_and_the_data_survives(local_stack):
     printed = [local_stack.up(*local_stack.port_args, "--num-cpus=1").stdout]
     started = local_stack.pids()
@@ -69,6 +76,9 @@ def test_up_again_keeps_the_services_down_stops_every_process_and_the_data_survi
         line = next(line for line in status.stdout.splitlines() if line.startswith(name))
         assert f"running       pid {started[name]}" in line, line
     assert f"http://127.0.0.1:{local_stack.ports['s3']}" in status.stdout
+    # A bare ray.init() elsewhere on the machine (a test's own cluster) must not try to join the stack,
+    # neither now nor after `down`.
+    assert machine_ray_address() != f"127.0.0.1:{local_stack.ports['ray']}"
 
     env = shell_env()
     assert env["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{local_stack.ports['s3']}"
