@@ -323,18 +323,23 @@ def start_s3(work: Path, formats: list[str]) -> tuple[subprocess.Popen, str]:
     server = subprocess.Popen([sys.executable, __file__, "--serve-s3", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            served(endpoint)
-            break
-        except OSError:
-            time.sleep(0.1)
-    import s3fs
+    try:
+        for _ in range(300):
+            try:
+                served(endpoint)
+                break
+            except OSError:
+                time.sleep(0.1)
+        import s3fs
 
-    fs = s3fs.S3FileSystem(endpoint_url=endpoint)
-    fs.mkdir("bench")
-    for name in formats:
-        fs.put(str(work / name), f"bench/{name}", recursive=True)
+        fs = s3fs.S3FileSystem(endpoint_url=endpoint)
+        fs.mkdir("bench")
+        for name in formats:
+            fs.put(str(work / name), f"bench/{name}", recursive=True)
+    except BaseException:
+        server.terminate()  # a failed upload must not leave the server running
+        server.wait()
+        raise
     return server, endpoint
 
 
