@@ -1,9 +1,10 @@
-"""Object storage access: one fsspec filesystem per process, retries with backoff, clear errors.
+"""Object storage access: one fsspec filesystem per process and settings, retries with backoff, clear errors.
 
 Credentials and endpoints come the standard ways: AWS env vars / profiles (botocore's own chain),
 ``AWS_ENDPOINT_URL`` for S3-compatible servers, and fsspec ``storage_options``. The filesystem is never
 shared across processes: s3fs/aiobotocore hold an event loop and sockets that do not survive a fork
-(s3fs #914, fsspec #835), so every loader worker builds its own, bypassing fsspec's instance cache.
+(s3fs #914, fsspec #835), so every loader worker builds its own, bypassing fsspec's instance cache; within
+a process, the readers of one dataset share one.
 """
 
 from __future__ import annotations
@@ -28,9 +29,14 @@ T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 30.0
 
 
+# This process's object-store filesystems, by pid and settings: opening a dataset, its record-batch index and
+# its shards in one process share one S3 client (each new one costs a session, a client and a connection).
+_PROCESS_FILESYSTEMS: dict[tuple, fsspec.AbstractFileSystem] = {}
+
+
 def filesystem(url: str, storage_options: dict[str, Any] | None = None,
                timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[fsspec.AbstractFileSystem, str]:
-    """A fresh filesystem for ``url`` and the path inside it."""
+    """This process's filesystem for ``url`` and these settings, and the path inside it."""
     options = dict(storage_options or {})
     protocol = url.split("://", 1)[0] if "://" in url else "file"
     if protocol in ("s3", "s3a"):
@@ -42,7 +48,17 @@ def filesystem(url: str, storage_options: dict[str, Any] | None = None,
         config.setdefault("read_timeout", timeout_s)
         options["config_kwargs"] = config
     options.setdefault("skip_instance_cache", True)
-    return url_to_fs(url, **options)
+    if protocol not in ("s3", "s3a"):
+        return url_to_fs(url, **options)
+    # The key holds the pid (a forked child builds its own) and the AWS environment the client was built from.
+    key = (os.getpid(), protocol, repr(sorted(options.items())),
+           tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+    fs = _PROCESS_FILESYSTEMS.get(key)
+    if fs is None:
+        fs, path = url_to_fs(url, **options)
+        _PROCESS_FILESYSTEMS[key] = fs
+        return fs, path
+    return fs, fs._strip_protocol(url)
 
 
 def join(root: str, relative: str) -> str:

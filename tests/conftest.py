@@ -109,12 +109,15 @@ def s3_bucket(s3_env) -> str:
 
 @pytest.fixture(autouse=True)
 def _no_stale_s3fs_instances():
-    """s3fs caches filesystem objects per process; a cached one may point at a previous test's endpoint."""
+    """s3fs and dataloaders.storage keep filesystem objects per process; a kept one may point at a previous
+    test's endpoint or hold its listings."""
     yield
     if "s3fs" in sys.modules:
         import s3fs
 
         s3fs.S3FileSystem.clear_instance_cache()
+    if "dataloaders.storage" in sys.modules:
+        sys.modules["dataloaders.storage"]._PROCESS_FILESYSTEMS.clear()
 
 
 class LocalStack:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dataloaders import open_dataset
+from dataloaders import open_dataset, storage
 from dataloaders.prepare import main as prepare_main
 from tests.dataloaders.conftest import assert_rows_match_ids, write_small
 
@@ -47,3 +47,19 @@ def test_explicit_storage_options_override_the_environment(s3_bucket, s3_env, mo
     batch = one_epoch(ds)
     assert len(batch["caption"]) == 40
     assert_rows_match_ids(batch)
+
+
+def test_a_process_reads_a_dataset_through_one_s3_client(s3_bucket, s3_env, monkeypatch):
+    """Manifest, record-batch index and shards share one client (each new one costs ~0.1 s before its first
+    byte); other settings or another AWS environment get their own."""
+    url = write_small(f"{s3_bucket}/ds", n=40, batch_rows=8)
+    monkeypatch.setattr(storage, "_PROCESS_FILESYSTEMS", {})
+    built = []
+    real = storage.url_to_fs
+    monkeypatch.setattr(storage, "url_to_fs", lambda *a, **kw: built.append(a[0]) or real(*a, **kw))
+    assert_rows_match_ids(one_epoch(url))
+    assert len(built) == 1, built
+    shared = storage.filesystem(url)[0]
+    assert storage.filesystem(url, timeout_s=5.0)[0] is not shared
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "another")
+    assert storage.filesystem(url)[0] is not shared
