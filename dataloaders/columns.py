@@ -10,6 +10,7 @@ labels) are plain Arrow integers/floats; text columns are Arrow strings.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -143,10 +144,13 @@ def empty_rows(spec: ColumnSpec, n: int, shared: bool) -> tuple[torch.Tensor, np
     ``shared`` puts it in shared memory up front: a loader worker then hands it to the main process
     without the extra copy torch's worker queue would otherwise make.
     """
-    storage = torch.from_numpy(np.empty(0, _DTYPES[spec.dtype][0])).dtype
-    t = torch.empty((n,) + spec.shape, dtype=storage)
-    if shared:
-        t.share_memory_()
+    dtype = torch.from_numpy(np.empty(0, _DTYPES[spec.dtype][0])).dtype
+    shape = (n,) + tuple(spec.shape)
+    if shared and n:  # allocated in shared memory directly (share_memory_() would allocate, then copy into it)
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        t = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
+    else:
+        t = torch.empty(shape, dtype=dtype)
     return t, t.numpy()
 
 

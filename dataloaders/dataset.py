@@ -8,14 +8,15 @@ The contract:
   torchrun do), so node ``n`` of ``N`` takes slice ``[n*G/N, (n+1)*G/N)``: partitions ``[n*P/N, (n+1)*P/N)``
   when ``N`` divides ``P``, and it reads only their record batches.
 - A rank's ``K`` loader workers take its batches round-robin (worker ``w`` builds local batches
-  ``j = w, w+K, ...``) and torch's DataLoader hands them back in order, so ``K`` changes nothing either.
+  ``j = f+w, f+w+K, ...``) and torch's DataLoader hands them back in order; the rank's own process builds
+  batches ``0..f-1`` while the workers start (``WorkerStream``). So ``K`` changes nothing either.
 - The state is the number of samples the whole job has consumed (plus what identifies the order, ``P``
   included). It is the same on every rank, so a job resumed on another number of ranks or nodes, with the
   same ``G``, continues the same global sequence. ``P`` is fixed by the first run (``data.partitions``,
   default: its node count); a later run is efficient when its node count divides ``P``.
 
 Inside a worker, a lookahead of planned batches decides which record batches to fetch; a thread pool
-fetches them (one ranged GET per run of adjacent batches of a shard) while earlier batches are being used
+fetches them (one ranged GET per run of adjacent batches of a shard, up to 32 MiB: ``fetch_units``) while earlier batches are being used
 (S3 latency stays off the training step), and a record batch is released once no planned batch needs it.
 With ``data.cache_dir`` the ranks and workers of a node share one cache (``cache.py``), so each record batch
 is downloaded once per node. Batches keep the stored dtypes (bf16 stays bf16: half the bytes through
@@ -28,6 +29,7 @@ import logging
 import math
 import multiprocessing
 import os
+import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -160,7 +162,7 @@ class RankBatches(IterableDataset):
 
     def __init__(self, manifest: Manifest, index: RecordBatchIndex, order: GlobalOrder, read: ReadOptions, *,
                  rank: int, world_size: int, global_batch_size: int, start: int, lookahead: int,
-                 node_partitions: list[int]):
+                 node_partitions: list[int], urgent: int = 1):
         self.manifest = manifest
         self.index = index
         self.order = order
@@ -170,7 +172,9 @@ class RankBatches(IterableDataset):
         self.batch_size = global_batch_size // world_size
         self.start = start
         self.lookahead = lookahead
+        self.urgent = urgent  # first batches whose record batches are fetched one per GET (no coalescing)
         self.node_partitions = node_partitions  # whose record batches a bounded cache keeps first
+        self.handoff = None  # with workers: shared [batches the rank's process claimed, first worker batch, lead]
         self._now = start
         # A forkserver's children inherit the server's environment, frozen when it started; hand workers the
         # parent's current credentials and endpoint instead.
@@ -197,30 +201,42 @@ class RankBatches(IterableDataset):
             cache.next_use = lambda ids: self.order.next_use(ids, self._now, self.node_partitions)
         reader = ShardReader(self.manifest, self.index, self.read.storage_options, self.read.retries,
                              self.read.timeout_s, cache, self.read.verify_checksums)
+        first = 0  # the local batch this stream starts at (workers: after those the rank's process built)
+        if info is not None and self.handoff is not None:
+            with self.handoff.get_lock():
+                if self.handoff[1] < 0:
+                    self.handoff[1] = self.handoff[0] + self.handoff[2]
+                first = self.handoff[1]
         pool = ThreadPoolExecutor(self.read.fetch_threads, thread_name_prefix="batch-fetch")
         try:
-            yield from self._batches(reader, pool, worker, workers)
+            yield from self._batches(reader, pool, first + worker, workers)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _batches(self, reader: ShardReader, pool: ThreadPoolExecutor, worker: int, workers: int):
-        resident: dict[int, Future] = {}  # record batch -> the fetch of its group (one shard's batches)
+    def _batches(self, reader: ShardReader, pool: ThreadPoolExecutor, next_j: int, workers: int):
+        resident: dict[int, Future] = {}  # record batch -> the fetch of its unit (adjacent batches of a shard)
         uses: Counter = Counter()  # record batch -> planned batches that still need it
         planned: deque[_Plan] = deque()
         bad: set[int] = set()
-        next_j = worker
+        # The window is topped up in chunks, so that the adjacent record batches of a shard that the new plans
+        # need can be fetched with one GET. The first `urgent` batches' record batches come one per GET, each
+        # batch's submitted before the next one's: the stream starts as soon as its first batch is in.
+        chunk = max(1, self.lookahead // 4)
+        urgent = self.urgent
         while True:
-            while len(planned) < self.lookahead:
-                plan = self._plan(next_j)
-                next_j += workers
-                planned.append(plan)
-                needed = list(dict.fromkeys(plan.batches.tolist()))  # first-use order
-                uses.update(needed)
-                new = [b for b in needed if b not in resident]
-                for shard in dict.fromkeys(int(self.index.shard[b]) for b in new):
-                    group = [b for b in new if self.index.shard[b] == shard]
-                    future = pool.submit(reader.read_batches, group)
-                    resident.update(dict.fromkeys(group, future))
+            if len(planned) <= self.lookahead - chunk or not planned:
+                fresh: dict[int, None] = {}  # record batches to fetch, in first-use order
+                for _ in range(self.lookahead - len(planned)):
+                    plan = self._plan(next_j)
+                    next_j += workers
+                    planned.append(plan)
+                    needed = list(dict.fromkeys(plan.batches.tolist()))
+                    uses.update(needed)
+                    fresh.update(dict.fromkeys(b for b in needed if b not in resident))
+                    if urgent > 0:
+                        self._submit([[b] for b in fresh], resident, reader, pool)
+                        fresh, urgent = {}, urgent - 1
+                self._submit(fetch_units(self.index, list(fresh), reader.max_get_bytes), resident, reader, pool)
             plan = planned.popleft()
             self._now = plan.position
             yield self._assemble(plan, resident, bad, reader)
@@ -229,6 +245,13 @@ class RankBatches(IterableDataset):
                 if uses[b] == 0:
                     del uses[b]
                     del resident[b]
+
+    @staticmethod
+    def _submit(units: list[list[int]], resident: dict[int, Future], reader: ShardReader,
+                pool: ThreadPoolExecutor) -> None:
+        for unit in units:
+            future = pool.submit(reader.read_batches, unit)
+            resident.update(dict.fromkeys(unit, future))
 
     def _assemble(self, plan: _Plan, resident: dict[int, Future], bad: set[int], reader: ShardReader) -> dict[str, Any]:
         keep = np.ones(len(plan.batches), bool)
@@ -262,6 +285,98 @@ class RankBatches(IterableDataset):
         batch["_skipped"] = dict(skipped)
         batch["_io"] = dict(reader.take_counters())
         return batch
+
+
+def fetch_units(index: RecordBatchIndex, batches: list[int], max_bytes: int) -> list[list[int]]:
+    """``batches`` (in the order they are first needed) grouped into runs of adjacent record batches of one
+    shard, each run at most ``max_bytes`` (one ranged GET), in the order of each run's first need.
+
+    Fewer, larger GETs: an object store spends per request (latency, and for some servers a pass over the
+    whole object), while the record batches of a run are all needed within the same window anyway."""
+    pending = set(batches)
+    units = []
+    for b in batches:
+        if b not in pending:
+            continue
+        pending.discard(b)
+        unit, size = [b], int(index.length[b])
+        for step in (1, -1):  # grow forward, then backward, through batches of this shard still to fetch
+            nxt = b + step
+            while (nxt in pending and index.shard[nxt] == index.shard[b]
+                   and size + int(index.length[nxt]) <= max_bytes):
+                pending.discard(nxt)
+                unit.append(nxt)
+                size += int(index.length[nxt])
+                nxt += step
+        units.append(sorted(unit))
+    return units
+
+
+class WorkerStream:
+    """A rank's batches from ``num_workers`` loader processes (torch's DataLoader, batches in order).
+
+    Worker processes take a while to start (a process each, its imports, its S3 client), so the rank's own
+    process builds the first batches meanwhile, in order, as ``num_workers=0`` would. Before each one it
+    claims the batch in a shared counter. The first worker to start fixes where the workers begin: ``K *
+    prefetch`` batches (what the DataLoader keeps in flight) after the last one claimed, so that their first
+    batches are ready when the rank's process, which builds everything before, gets there. Worker ``w``
+    then builds ``first + w, first + w + K, ...``. The sequence is the same whenever the handoff happens.
+    Record batches the rank's process fetched for batches it did not get to build reach the workers
+    through the node cache, when there is one.
+    """
+
+    def __init__(self, batches: RankBatches, num_workers: int, prefetch: int, preload: list[str] = ()):
+        context = worker_context(preload)
+        self._handoff = context.Array("q", [0, -1, num_workers * max(1, prefetch)])
+        batches.handoff = self._handoff
+        self._loader = DataLoader(batches, batch_size=None, num_workers=num_workers,
+                                  prefetch_factor=max(1, prefetch), multiprocessing_context=context,
+                                  persistent_workers=False)
+        self._local: Iterator | None = iter(batches)
+        self.built = 0  # batches the rank's process has built
+        self._workers: Iterator | None = None
+        self._error: BaseException | None = None
+        self._starter = threading.Thread(target=self._start, name="loader-workers-start", daemon=True)
+        self._starter.start()
+
+    def _start(self) -> None:
+        try:
+            self._workers = iter(self._loader)  # starts the processes (the forkserver too, the first time)
+        except BaseException as e:  # noqa: BLE001 - raised in the consuming thread
+            self._error = e
+
+    def __iter__(self) -> "WorkerStream":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self._error is not None:
+            raise RuntimeError(f"the loader's worker processes did not start: {self._error}") from self._error
+        if self._local is not None:
+            with self._handoff.get_lock():
+                first = self._handoff[1]
+                if first < 0:
+                    self._handoff[0] = self.built + 1
+            if first < 0 or self.built < first:
+                self.built += 1
+                return next(self._local)
+            self._local.close()  # its queued fetches are cancelled; running ones finish (into the cache)
+            self._local = None
+            if first != self.built:
+                raise RuntimeError(f"loader handoff broken: workers start at batch {first}, {self.built} built")
+        if self._workers is None:
+            self._starter.join()
+            if self._error is not None:
+                raise RuntimeError(f"the loader's worker processes did not start: {self._error}") from self._error
+        return next(self._workers)
+
+    def close(self) -> None:
+        if self._local is not None:
+            self._local.close()
+            self._local = None
+        self._starter.join()
+        if self._workers is not None:
+            self._workers._shutdown_workers()
+            self._workers = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,6 +421,7 @@ class StreamingLoader:
         # this rank's reads: bytes_fetched and get_requests (from storage), cache_hits, cache_waits
         self.io: Counter = Counter()
         self._live: Iterator | None = None
+        self.stream: Iterator | None = None  # the live source: this process's batches, or a WorkerStream
 
     @property
     def num_samples(self) -> int:
@@ -331,14 +447,13 @@ class StreamingLoader:
         node_slice = self.node * self.ranks_per_node * self.batch_size
         batches = RankBatches(self.manifest, self.index, self.order, self.read, rank=self.rank,
                               world_size=self.world_size, global_batch_size=self.global_batch_size,
-                              start=self.samples_seen, lookahead=self._lookahead(),
+                              start=self.samples_seen, lookahead=self._lookahead(), urgent=2 * max(1, self.prefetch),
                               node_partitions=self.order.partitions_of_slice(
                                   node_slice, node_slice + self.ranks_per_node * self.batch_size))
         if self.num_workers == 0:
             return iter(batches)
-        return iter(DataLoader(batches, batch_size=None, num_workers=self.num_workers,
-                               prefetch_factor=max(1, self.prefetch), multiprocessing_context=worker_context(),
-                               persistent_workers=False))
+        fs, _ = storage.filesystem(self.manifest.root, self.read.storage_options, self.read.timeout_s)
+        return WorkerStream(batches, self.num_workers, self.prefetch, preload=[type(fs).__module__])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.close()  # one live stream per loader; a new iter() continues from samples_seen
@@ -346,7 +461,7 @@ class StreamingLoader:
         return self._live
 
     def _iterate(self) -> Iterator[dict[str, Any]]:
-        source = self._source()
+        source = self.stream = self._source()
         try:
             for batch in source:
                 expected = self.samples_seen + self.rank * self.batch_size
@@ -361,10 +476,7 @@ class StreamingLoader:
                 self.samples_seen += self.global_batch_size
                 yield batch
         finally:
-            if hasattr(source, "_shutdown_workers"):  # DataLoader iterator: stop the worker processes
-                source._shutdown_workers()
-            elif hasattr(source, "close"):  # in-process generator: stop its fetch threads
-                source.close()
+            source.close()  # stop the fetch threads, and the worker processes if any
 
     def close(self) -> None:
         """Stop the live stream and its worker processes (iteration can start again afterwards)."""
@@ -444,15 +556,16 @@ def node_size(world_size: int, ranks_per_node: int | None) -> int:
     return world_size
 
 
-def worker_context() -> multiprocessing.context.BaseContext:
-    """Where loader workers come from: a forkserver that has imported torch and this package once.
+def worker_context(preload: list[str] | tuple[str, ...] = ()) -> multiprocessing.context.BaseContext:
+    """Where loader workers come from: a forkserver that has imported torch, this package and ``preload``
+    (the dataset's filesystem implementation, e.g. s3fs) once; the first call in a process starts it.
 
     Not plain fork: s3fs/aiobotocore event loops and sockets do not survive a fork (s3fs #914). The
     forkserver is a clean single-threaded process, so forking it is safe, and it saves every new worker the
     seconds spawn spends re-importing torch. Workers build their own filesystem on first use.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "pyarrow", "dataloaders.dataset"])
+    ctx.set_forkserver_preload(["torch", "pyarrow", "dataloaders.dataset", *preload])
     return ctx
 
 

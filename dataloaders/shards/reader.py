@@ -36,7 +36,7 @@ from dataloaders.manifest import Manifest, ShardInfo, checksum_matches
 from dataloaders.shards.index import RecordBatchIndex
 
 log = logging.getLogger(__name__)
-MAX_GET_BYTES = 16 << 20  # coalesce adjacent record batches up to this many bytes per GET
+MAX_GET_BYTES = 32 << 20  # coalesce adjacent record batches up to this many bytes per GET
 
 
 @dataclass
@@ -57,6 +57,7 @@ class ShardReader:
         self.retries = retries
         self.cache = cache
         self.verify = verify
+        self.max_get_bytes = MAX_GET_BYTES
         # bytes and GETs from storage, record batches served by the cache (own or waited for)
         self.counters: Counter = Counter()
         self._lock = threading.Lock()
@@ -146,7 +147,8 @@ class ShardReader:
         ends = [self.manifest.shards[int(ix.shard[i])].bytes if ix.last[i] else int(ix.offset[i] + ix.length[i])
                 for i in ids]
         out = {}
-        for path, start, end in zip(*merge_offset_ranges(paths, starts, ends, max_gap=0, max_block=MAX_GET_BYTES)):
+        merged = merge_offset_ranges(paths, starts, ends, max_gap=0, max_block=self.max_get_bytes)
+        for path, start, end in zip(*merged):
             blob = storage.read_range(self.fs, storage.join(self.root, path), start, end,
                                       storage.join(self.manifest.root, path), self.retries)
             self._count(bytes_fetched=len(blob), get_requests=1)
