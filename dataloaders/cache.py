@@ -53,6 +53,10 @@ class BatchCache:
         except FileNotFoundError:
             return None
 
+    def has(self, batch: int) -> bool:
+        """Whether a complete entry is there (not verified: readers check what they map)."""
+        return self._path(batch).exists()
+
     def claim(self, batch: int) -> bool:
         """True if this process is now the one to fetch ``batch`` (then ``put`` or ``release`` it)."""
         for _ in range(2):

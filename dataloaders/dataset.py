@@ -7,20 +7,21 @@ The contract:
   ``[i*G + r*B, i*G + (r+1)*B)`` with ``B = G // W``. Ranks are numbered node by node (as Ray Train and
   torchrun do), so node ``n`` of ``N`` takes slice ``[n*G/N, (n+1)*G/N)``: partitions ``[n*P/N, (n+1)*P/N)``
   when ``N`` divides ``P``, and it reads only their record batches.
-- A rank's ``K`` loader workers take its batches round-robin (worker ``w`` builds local batches
-  ``j = f+w, f+w+K, ...``) and torch's DataLoader hands them back in order; the rank's own process builds
-  batches ``0..f-1`` while the workers start (``WorkerStream``). So ``K`` changes nothing either.
+- A rank builds all its batches in its own process. Its ``K`` loader workers only fetch ahead: they put
+  the record batches of the coming batches into the node cache, where the rank's process maps them
+  (``PrefetchStream``). So ``K`` changes nothing either.
 - The state is the number of samples the whole job has consumed (plus what identifies the order, ``P``
   included). It is the same on every rank, so a job resumed on another number of ranks or nodes, with the
   same ``G``, continues the same global sequence. ``P`` is fixed by the first run (``data.partitions``,
   default: its node count); a later run is efficient when its node count divides ``P``.
 
-Inside a worker, a lookahead of planned batches decides which record batches to fetch; a thread pool
-fetches them (one ranged GET per run of adjacent batches of a shard, up to 32 MiB: ``fetch_units``) while earlier batches are being used
-(S3 latency stays off the training step), and a record batch is released once no planned batch needs it.
-With ``data.cache_dir`` the ranks and workers of a node share one cache (``cache.py``), so each record batch
-is downloaded once per node. Batches keep the stored dtypes (bf16 stays bf16: half the bytes through
-the worker queue); ``sample_id`` is int64 and ``caption`` a list of str.
+A lookahead of planned batches decides which record batches to fetch; a thread pool fetches them (one
+ranged GET per run of adjacent batches of a shard, up to 32 MiB: ``fetch_units``) while earlier batches are
+being used (S3 latency stays off the training step), and a record batch is released once no planned batch
+needs it. With ``data.cache_dir`` the ranks and workers of a node share one cache (``cache.py``), so each
+record batch is downloaded once per node; with workers and no ``cache_dir``, the rank and its workers share a
+temporary one. Batches keep the stored dtypes (bf16 stays bf16); ``sample_id`` is int64 and ``caption`` a
+list of str.
 """
 
 from __future__ import annotations
@@ -29,15 +30,17 @@ import logging
 import math
 import multiprocessing
 import os
+import shutil
+import tempfile
 import threading
+import time
 from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dataloaders import storage
 from dataloaders.cache import BatchCache
@@ -154,15 +157,16 @@ class _Plan:
     rows: np.ndarray  # row in it
 
 
-class RankBatches(IterableDataset):
-    """This rank's batches from ``start`` on; in a worker process, only that worker's share of them.
+class RankBatches:
+    """This rank's batches from ``start`` on, built in the rank's process; and (``prefetch``) the body of its
+    prefetch worker processes, which fetch the record batches of the batches ahead into the node cache.
 
-    Picklable (plain data only), so spawn workers can receive it; each builds its own filesystem.
+    Picklable (plain data only), so worker processes can receive it; each builds its own filesystem.
     """
 
     def __init__(self, manifest: Manifest, index: RecordBatchIndex, order: GlobalOrder, read: ReadOptions, *,
                  rank: int, world_size: int, global_batch_size: int, start: int, lookahead: int,
-                 node_partitions: list[int], urgent: int = 1):
+                 node_partitions: list[int], urgent: int = 1, own_lookahead: int | None = None):
         self.manifest = manifest
         self.index = index
         self.order = order
@@ -171,10 +175,14 @@ class RankBatches(IterableDataset):
         self.global_batch_size = global_batch_size
         self.batch_size = global_batch_size // world_size
         self.start = start
-        self.lookahead = lookahead
+        self.lookahead = lookahead  # batches planned ahead (by the prefetch workers when there are some)
+        # batches the rank's process itself plans and fetches ahead once prefetch workers run (`running`): a
+        # few, so that it fetches only what they have not got to; `lookahead` before and without them
+        self.own_lookahead = lookahead if own_lookahead is None else own_lookahead
+        self.running = None  # with workers: shared flag, set by the first worker that runs
         self.urgent = urgent  # first batches whose record batches are fetched one per GET (no coalescing)
         self.node_partitions = node_partitions  # whose record batches a bounded cache keeps first
-        self.handoff = None  # with workers: shared [batches the rank's process claimed, first worker batch, lead]
+        self.progress = None  # with workers: shared stream position of the batch the rank's process is building
         self._now = start
         # A forkserver's children inherit the server's environment, frozen when it started; hand workers the
         # parent's current credentials and endpoint instead.
@@ -188,47 +196,44 @@ class RankBatches(IterableDataset):
         _, batches, rows = self.order.locate(pos, self.batch_size)
         return _Plan(pos, batches, rows)
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if info is not None:
-            for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES) and k not in self.env]:
-                del os.environ[key]
-            os.environ.update(self.env)
+    def _reader(self) -> ShardReader:
         cache = None
         if self.read.cache_dir:
             cache = BatchCache(self.read.cache_dir, self.manifest.fingerprint, self.read.cache_bytes)
-            cache.next_use = lambda ids: self.order.next_use(ids, self._now, self.node_partitions)
-        reader = ShardReader(self.manifest, self.index, self.read.storage_options, self.read.retries,
-                             self.read.timeout_s, cache, self.read.verify_checksums)
-        first = 0  # the local batch this stream starts at (workers: after those the rank's process built)
-        if info is not None and self.handoff is not None:
-            with self.handoff.get_lock():
-                if self.handoff[1] < 0:
-                    self.handoff[1] = self.handoff[0] + self.handoff[2]
-                first = self.handoff[1]
+            cache.next_use = lambda ids: self.order.next_use(ids, self._current(), self.node_partitions)
+        return ShardReader(self.manifest, self.index, self.read.storage_options, self.read.retries,
+                           self.read.timeout_s, cache, self.read.verify_checksums)
+
+    def _current(self) -> int:
+        """The stream position of the batch the rank's process is building (its first, before it has one)."""
+        return self._now if self.progress is None else max(self._position(0), int(self.progress.value))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        reader = self._reader()
         pool = ThreadPoolExecutor(self.read.fetch_threads, thread_name_prefix="batch-fetch")
         try:
-            yield from self._batches(reader, pool, first + worker, workers)
+            yield from self._batches(reader, pool)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _batches(self, reader: ShardReader, pool: ThreadPoolExecutor, next_j: int, workers: int):
+    def _batches(self, reader: ShardReader, pool: ThreadPoolExecutor):
         resident: dict[int, Future] = {}  # record batch -> the fetch of its unit (adjacent batches of a shard)
         uses: Counter = Counter()  # record batch -> planned batches that still need it
         planned: deque[_Plan] = deque()
         bad: set[int] = set()
+        next_j = 0
         # The window is topped up in chunks, so that the adjacent record batches of a shard that the new plans
         # need can be fetched with one GET. The first `urgent` batches' record batches come one per GET, each
         # batch's submitted before the next one's: the stream starts as soon as its first batch is in.
-        chunk = max(1, self.lookahead // 4)
         urgent = self.urgent
         while True:
-            if len(planned) <= self.lookahead - chunk or not planned:
+            lookahead = self.own_lookahead if self.running is not None and self.running.value else self.lookahead
+            chunk = max(1, lookahead // 4)
+            if len(planned) <= lookahead - chunk or not planned:
                 fresh: dict[int, None] = {}  # record batches to fetch, in first-use order
-                for _ in range(self.lookahead - len(planned)):
+                for _ in range(lookahead - len(planned)):
                     plan = self._plan(next_j)
-                    next_j += workers
+                    next_j += 1
                     planned.append(plan)
                     needed = list(dict.fromkeys(plan.batches.tolist()))
                     uses.update(needed)
@@ -239,6 +244,8 @@ class RankBatches(IterableDataset):
                 self._submit(fetch_units(self.index, list(fresh), reader.max_get_bytes), resident, reader, pool)
             plan = planned.popleft()
             self._now = plan.position
+            if self.progress is not None:
+                self.progress.value = plan.position
             yield self._assemble(plan, resident, bad, reader)
             for b in set(plan.batches.tolist()):
                 uses[b] -= 1
@@ -252,6 +259,78 @@ class RankBatches(IterableDataset):
         for unit in units:
             future = pool.submit(reader.read_batches, unit)
             resident.update(dict.fromkeys(unit, future))
+
+    # ---------------------------------------------------------------------------- in a prefetch worker
+    def prefetch(self, stop, counters, worker: int, parent: int) -> None:
+        """Keep the record batches of the ``lookahead`` batches after the next ``own_lookahead`` ones of the
+        rank's process in the node cache, in the order they will be needed, until ``stop.value`` is set or the
+        rank's process is gone.
+
+        The workers of a rank (and the other ranks of the node) share the work through the cache's claims:
+        a record batch that is cached or claimed is skipped, so each is fetched once. A fetch that fails is
+        left to the rank's process, which fetches the record batch itself and reports what is wrong.
+        ``counters[2 * worker: 2 * worker + 2]`` count this worker's bytes and GETs from storage."""
+        for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES) and k not in self.env]:
+            del os.environ[key]
+        os.environ.update(self.env)
+        reader = self._reader()
+        pool = ThreadPoolExecutor(self.read.fetch_threads, thread_name_prefix="prefetch")
+        self.running.value = 1
+        handled: dict[int, int] = {}  # record batch -> the last planned batch that needs it
+        inflight: set[Future] = set()
+        queue: deque[list[int]] = deque()  # units to fetch, in the order of their first need
+        next_j, seen_now, last_check = 0, -1, time.monotonic()
+        chunk = max(1, self.lookahead // 4)
+        try:
+            while not stop.value:
+                if time.monotonic() - last_check > 1.0:
+                    last_check = time.monotonic()
+                    try:
+                        os.kill(parent, 0)
+                    except ProcessLookupError:
+                        return  # the rank's process is gone
+                if self.progress.value < 0:  # until the rank has its first batch, its fetches go first
+                    time.sleep(0.01)
+                    continue
+                now = (self._current() - self._position(0)) // self.global_batch_size  # the batch being built
+                # the next own_lookahead batches are the rank's process's to fetch (one GET per record batch
+                # at the start, so that its first batch comes soon); the workers fetch the lookahead after them
+                begin, end = now + self.own_lookahead, now + self.own_lookahead + self.lookahead
+                if now != seen_now:
+                    seen_now, next_j = now, max(next_j, begin)
+                    for b in [b for b, j in handled.items() if j < now]:
+                        del handled[b]  # passed: needed again only in a later block, planned again then
+                if next_j <= end - chunk and len(queue) < self.read.fetch_threads:
+                    fresh: dict[int, None] = {}  # topped up in chunks, as in _batches
+                    while next_j < end:
+                        for b in dict.fromkeys(self._plan(next_j).batches.tolist()):
+                            if b not in handled:
+                                fresh[b] = None
+                            handled[b] = next_j
+                        next_j += 1
+                    queue.extend(fetch_units(self.index, list(fresh), reader.max_get_bytes))
+                while queue and len(inflight) < self.read.fetch_threads:
+                    unit = [b for b in queue.popleft() if b in handled]  # not what the rank has moved past
+                    if unit:
+                        inflight.add(pool.submit(reader.prefetch_batches, unit))
+                if not inflight:
+                    time.sleep(0.01)  # everything planned is fetched: wait for the rank's process to move on
+                    continue
+                done, inflight = wait(inflight, timeout=0.01, return_when=FIRST_COMPLETED)
+                for future in done:
+                    if future.exception() is not None:
+                        log.warning("loader prefetch worker %d: %s (the rank's process fetches it itself)",
+                                    worker, future.exception())
+                self._count(counters, worker, reader)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._count(counters, worker, reader)
+
+    @staticmethod
+    def _count(counters, worker: int, reader: ShardReader) -> None:
+        taken = reader.take_counters()
+        counters[2 * worker] += taken.get("bytes_fetched", 0)
+        counters[2 * worker + 1] += taken.get("get_requests", 0)
 
     def _assemble(self, plan: _Plan, resident: dict[int, Future], bad: set[int], reader: ShardReader) -> dict[str, Any]:
         keep = np.ones(len(plan.batches), bool)
@@ -276,7 +355,7 @@ class RankBatches(IterableDataset):
             if spec.kind == "string":
                 batch[spec.name] = [decoded[b].columns[spec.name][r] for b, r in zip(batches.tolist(), rows.tolist())]
                 continue
-            tensor, out = empty_rows(spec, len(batches), shared=get_worker_info() is not None)
+            tensor, out = empty_rows(spec, len(batches), shared=False)
             for b in np.unique(batches):
                 at = np.flatnonzero(batches == b)
                 out[at] = decoded[int(b)].columns[spec.name][rows[at]]
@@ -312,71 +391,89 @@ def fetch_units(index: RecordBatchIndex, batches: list[int], max_bytes: int) -> 
     return units
 
 
-class WorkerStream:
-    """A rank's batches from ``num_workers`` loader processes (torch's DataLoader, batches in order).
+def _prefetch_worker(batches: RankBatches, stop, counters, worker: int, parent: int) -> None:
+    batches.prefetch(stop, counters, worker, parent)
 
-    Worker processes take a while to start (a process each, its imports, its S3 client), so the rank's own
-    process builds the first batches meanwhile, in order, as ``num_workers=0`` would. Before each one it
-    claims the batch in a shared counter. The first worker to start fixes where the workers begin: ``K *
-    prefetch`` batches (what the DataLoader keeps in flight) after the last one claimed, so that their first
-    batches are ready when the rank's process, which builds everything before, gets there. Worker ``w``
-    then builds ``first + w, first + w + K, ...``. The sequence is the same whenever the handoff happens.
-    Record batches the rank's process fetched for batches it did not get to build reach the workers
-    through the node cache, when there is one.
+
+class PrefetchStream:
+    """A rank's batches, built in its own process, with ``num_workers`` processes fetching ahead.
+
+    The workers fetch the record batches of the next batches into the node cache (a temporary one for this
+    stream when ``data.cache_dir`` is not set), the rank's process maps them from there and builds each
+    batch as with ``num_workers=0``: no batch crosses a process boundary, and the sequence cannot depend on
+    the workers. Until they run (process start, imports, S3 client: seconds), the rank's process fetches
+    its first batches' record batches itself; later it fetches only what the workers have not got to.
     """
 
-    def __init__(self, batches: RankBatches, num_workers: int, prefetch: int, preload: list[str] = ()):
+    def __init__(self, batches: RankBatches, num_workers: int, preload: list[str] = ()):
+        self._temp = None
+        if not batches.read.cache_dir:
+            self._temp = tempfile.mkdtemp(prefix="flowscale-loader-")
+            batches.read = replace(batches.read, cache_dir=self._temp, cache_bytes=self._budget(batches))
         context = worker_context(preload)
-        self._handoff = context.Array("q", [0, -1, num_workers * max(1, prefetch)])
-        batches.handoff = self._handoff
-        self._loader = DataLoader(batches, batch_size=None, num_workers=num_workers,
-                                  prefetch_factor=max(1, prefetch), multiprocessing_context=context,
-                                  persistent_workers=False)
+        batches.progress = context.RawValue("q", -1)  # -1: no batch built yet
+        batches.running = self._running = context.RawValue("q", 0)
+        self._counters = context.RawArray("q", 2 * num_workers)
+        self._taken = [0, 0]
+        # a plain shared flag: a multiprocessing Event's set() waits for every waiter, dead ones included
+        self._stop = context.RawValue("b", 0)
+        self._procs = [context.Process(target=_prefetch_worker, name=f"loader-prefetch-{w}", daemon=True,
+                                       args=(batches, self._stop, self._counters, w, os.getpid()))
+                       for w in range(num_workers)]
         self._local: Iterator | None = iter(batches)
-        self.built = 0  # batches the rank's process has built
-        self._workers: Iterator | None = None
-        self._error: BaseException | None = None
-        self._starter = threading.Thread(target=self._start, name="loader-workers-start", daemon=True)
+        self._starter = threading.Thread(target=self._start, name="loader-prefetch-start", daemon=True)
         self._starter.start()
 
-    def _start(self) -> None:
-        try:
-            self._workers = iter(self._loader)  # starts the processes (the forkserver too, the first time)
-        except BaseException as e:  # noqa: BLE001 - raised in the consuming thread
-            self._error = e
+    @staticmethod
+    def _budget(batches: RankBatches) -> int:
+        """Bytes the temporary cache may hold: twice what the workers plan ahead, at least 256 MiB."""
+        per_sample = float(batches.index.length.sum()) / max(1, int(batches.index.rows.sum()))
+        return max(256 << 20, int(2 * batches.lookahead * batches.batch_size * per_sample))
 
-    def __iter__(self) -> "WorkerStream":
+    def _start(self) -> None:
+        for proc in self._procs:
+            if self._stop.value:
+                return
+            try:
+                proc.start()  # the first start boots the forkserver
+            except Exception as e:  # noqa: BLE001 - the rank's process fetches everything itself
+                log.warning("loader prefetch worker did not start (%s); the rank's process fetches alone", e)
+                return
+
+    def __iter__(self) -> "PrefetchStream":
         return self
 
+    @property
+    def workers_running(self) -> bool:
+        """Whether a worker has started fetching ahead (from then on the rank's process fetches little)."""
+        return bool(self._running.value)
+
     def __next__(self) -> dict[str, Any]:
-        if self._error is not None:
-            raise RuntimeError(f"the loader's worker processes did not start: {self._error}") from self._error
-        if self._local is not None:
-            with self._handoff.get_lock():
-                first = self._handoff[1]
-                if first < 0:
-                    self._handoff[0] = self.built + 1
-            if first < 0 or self.built < first:
-                self.built += 1
-                return next(self._local)
-            self._local.close()  # its queued fetches are cancelled; running ones finish (into the cache)
-            self._local = None
-            if first != self.built:
-                raise RuntimeError(f"loader handoff broken: workers start at batch {first}, {self.built} built")
-        if self._workers is None:
-            self._starter.join()
-            if self._error is not None:
-                raise RuntimeError(f"the loader's worker processes did not start: {self._error}") from self._error
-        return next(self._workers)
+        batch = next(self._local)
+        batch["_io"] = {**batch["_io"], **{k: batch["_io"].get(k, 0) + v for k, v in self.take_io().items()}}
+        return batch
+
+    def take_io(self) -> dict[str, int]:
+        """The workers' bytes and GETs from storage since the last call."""
+        total = [sum(self._counters[0::2]), sum(self._counters[1::2])]
+        delta, self._taken = [t - s for t, s in zip(total, self._taken)], total
+        return {"bytes_fetched": delta[0], "get_requests": delta[1]}
 
     def close(self) -> None:
+        self._stop.value = 1
         if self._local is not None:
             self._local.close()
             self._local = None
         self._starter.join()
-        if self._workers is not None:
-            self._workers._shutdown_workers()
-            self._workers = None
+        for proc in self._procs:
+            if proc.pid is not None:
+                proc.join(timeout=30)
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join()
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)
+            self._temp = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,7 +518,7 @@ class StreamingLoader:
         # this rank's reads: bytes_fetched and get_requests (from storage), cache_hits, cache_waits
         self.io: Counter = Counter()
         self._live: Iterator | None = None
-        self.stream: Iterator | None = None  # the live source: this process's batches, or a WorkerStream
+        self.stream: Iterator | None = None  # the live source: this process's batches, or a PrefetchStream
 
     @property
     def num_samples(self) -> int:
@@ -437,10 +534,9 @@ class StreamingLoader:
         return self.samples_seen % self.order.num_samples
 
     def _lookahead(self) -> int:
-        # Enough planned batches that every batch a worker builds inside one shuffle block of a partition
-        # (block_size * P stream positions) is planned at once: a record batch is then fetched once per block.
-        per_block = math.ceil(self.order.block_size * self.order.partitions /
-                              (self.global_batch_size * max(1, self.num_workers)))
+        # Enough planned batches that every batch inside one shuffle block of a partition (block_size * P
+        # stream positions) is planned at once: a record batch is then fetched once per block.
+        per_block = math.ceil(self.order.block_size * self.order.partitions / self.global_batch_size)
         return max(1, self.prefetch, per_block + 1)
 
     def _source(self) -> Iterator[dict[str, Any]]:
@@ -448,12 +544,13 @@ class StreamingLoader:
         batches = RankBatches(self.manifest, self.index, self.order, self.read, rank=self.rank,
                               world_size=self.world_size, global_batch_size=self.global_batch_size,
                               start=self.samples_seen, lookahead=self._lookahead(), urgent=2 * max(1, self.prefetch),
+                              own_lookahead=max(1, self.prefetch) if self.num_workers else None,
                               node_partitions=self.order.partitions_of_slice(
                                   node_slice, node_slice + self.ranks_per_node * self.batch_size))
         if self.num_workers == 0:
             return iter(batches)
         fs, _ = storage.filesystem(self.manifest.root, self.read.storage_options, self.read.timeout_s)
-        return WorkerStream(batches, self.num_workers, self.prefetch, preload=[type(fs).__module__])
+        return PrefetchStream(batches, self.num_workers, preload=[type(fs).__module__])
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self.close()  # one live stream per loader; a new iter() continues from samples_seen
@@ -477,6 +574,8 @@ class StreamingLoader:
                 yield batch
         finally:
             source.close()  # stop the fetch threads, and the worker processes if any
+            if isinstance(source, PrefetchStream):
+                self.io.update(source.take_io())  # what the workers fetched after the last batch
 
     def close(self) -> None:
         """Stop the live stream and its worker processes (iteration can start again afterwards)."""

@@ -135,8 +135,11 @@ class DataConfig(Section):
         0, ge=0, description="fixed data partitions (0 = the first run's node count); a node reads 1/nodes of the "
                              "data per epoch when its node count divides this, so set it to allow other node counts"
     )
-    num_workers: int = Field(2, ge=0, description="loader worker processes per rank (forkserver; 0 = fetch threads only)")
-    prefetch: int = Field(4, ge=0, description="batches prefetched per worker")
+    num_workers: int = Field(
+        2, ge=0, description="loader processes per rank that fetch the coming record batches into the node cache "
+        "(forkserver); the rank builds its batches itself; 0 = the rank's fetch threads only"
+    )
+    prefetch: int = Field(4, ge=0, description="batches the rank fetches for itself ahead once its workers run")
     cache_dir: str = Field("", description="local shard cache directory; empty disables the cache")
     cache_bytes: int = Field(0, ge=0, description="byte budget of the local cache (0 = unbounded)")
     on_corrupt: Literal["fail", "skip"] = Field("fail", description="what to do with a corrupt shard")

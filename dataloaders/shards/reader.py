@@ -114,6 +114,21 @@ class ShardReader:
                     self.cache.put(i, found[i])
         return {i: found[i] if isinstance(found[i], DataError) else self._decode(i, found[i]) for i in ids}
 
+    def prefetch_batches(self, ids: Sequence[int]) -> None:
+        """Put the record batches ``ids`` into the cache, except those already there or claimed by another
+        process; nothing is decoded. A batch that stays corrupt is left out (its claim released): a reader
+        that needs it fetches it and reports it. Storage failures raise, claims released."""
+        mine = [i for i in ids if not self.cache.has(i) and self.cache.claim(i)]
+        found: dict[int, bytes | pa.Buffer | DataError] = {}
+        try:
+            found = self._fetch_verified(mine)
+        finally:
+            for i in mine:
+                if isinstance(found.get(i), DataError) or i not in found:
+                    self.cache.release(i)
+                else:
+                    self.cache.put(i, found[i])
+
     def _fetch_verified(self, ids: list[int]) -> dict[int, bytes | pa.Buffer | DataError]:
         out: dict[int, bytes | pa.Buffer | DataError] = {}
         first = self._fetch(ids)

@@ -1,10 +1,11 @@
-"""How the loader fetches: adjacent record batches of a shard share a GET, and with worker processes the
-rank's own process builds the first batches while the workers start, without changing a sample."""
+"""How the loader fetches: adjacent record batches of a shard share a GET, and worker processes fetch
+ahead into the node cache while the rank's own process builds every batch, so no sample changes."""
 
 from __future__ import annotations
 
 import itertools
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from dataloaders import open_dataset
-from dataloaders.dataset import ReadOptions, WorkerStream, fetch_units
+from dataloaders.dataset import PrefetchStream, ReadOptions, fetch_units
 from dataloaders.shards import reader as reader_module
 from tests.dataloaders.conftest import assert_rows_match_ids, write_small
 
@@ -76,29 +77,40 @@ def test_an_epoch_from_s3_shares_gets_between_adjacent_record_batches(s3_bucket,
     assert sorted(torch.cat([b["sample_id"] for b in coalesced]).tolist()) == list(range(n))
 
 
-def test_the_rank_process_builds_the_first_batches_while_workers_start(tmp_path):
-    url = write_small(str(tmp_path / "ds"), n=160, shard_rows=16, batch_rows=4)
+@pytest.mark.parametrize("cache", ["node", "temporary"])
+def test_workers_fetch_ahead_into_the_cache_and_the_rank_process_reads_it(s3_bucket, tmp_path, cache):
+    url = write_small(f"{s3_bucket}/ds", n=160, shard_rows=16, batch_rows=4)
     ds = open_dataset(url)
+    index = ds.record_batches()
 
     def loader(workers: int):
         return ds.loader(rank=0, world_size=1, global_batch_size=8, seed=1, shuffle_block_size=64,
-                         num_workers=workers, prefetch=2,
-                         read=ReadOptions(cache_dir=str(tmp_path / "cache") if workers else ""))
+                         num_workers=workers, prefetch=1,
+                         read=ReadOptions(cache_dir=str(tmp_path / "node") if cache == "node" and workers else ""))
 
-    alone = list(itertools.islice(loader(0), 30))  # past the epoch boundary (20 batches)
+    alone = list(itertools.islice(loader(0), 20))  # one epoch
     with_workers = loader(2)
     stream = iter(with_workers)
-    batches = [next(stream)]  # built here: the workers are still starting
+    batches = [next(stream)]  # the rank's process fetches the first batch's record batches itself
     source = with_workers.stream
-    assert isinstance(source, WorkerStream)
+    assert isinstance(source, PrefetchStream)
+    temporary = source._temp
+    assert (temporary is None) == (cache == "node")
     deadline = time.monotonic() + 120
-    while source._handoff[1] < 0:  # wait until a worker has started and fixed where the workers begin
-        assert time.monotonic() < deadline, "no loader worker started in 120 s"
+    while not source.workers_running:  # a worker process has started
+        assert time.monotonic() < deadline, "no prefetch worker started in 120 s"
         time.sleep(0.02)
-    batches += list(itertools.islice(stream, 29))
+    batches += list(itertools.islice(stream, 19))
     with_workers.close()
-    # 1 batch claimed when the first worker started, then the 2 x 2 batches the workers keep in flight
-    assert source._handoff[1] == 5 and source.built == 5
     assert [b["sample_id"].tolist() for b in batches] == [b["sample_id"].tolist() for b in alone]
     for batch in batches:
         assert_rows_match_ids(batch)
+    io = with_workers.io
+    assert sum(source._counters[1::2]) > 0  # the workers fetched...
+    assert io["cache_hits"] + io.get("cache_waits", 0) > 0, dict(io)  # ...and the rank read it from the cache
+    # every record batch once between the rank's process and its workers (the GETs counted include theirs)
+    tails = sum(ds.manifest.shards[int(index.shard[b])].bytes - int(index.offset[b] + index.length[b])
+                for b in range(len(index)) if index.last[b])
+    assert io["bytes_fetched"] == int(index.length.sum()) + tails, dict(io)
+    if temporary is not None:
+        assert not Path(temporary).exists()  # the stream's own cache is removed with it
