@@ -543,7 +543,7 @@ class StreamingLoader:
         node_slice = self.node * self.ranks_per_node * self.batch_size
         batches = RankBatches(self.manifest, self.index, self.order, self.read, rank=self.rank,
                               world_size=self.world_size, global_batch_size=self.global_batch_size,
-                              start=self.samples_seen, lookahead=self._lookahead(), urgent=2 * max(1, self.prefetch),
+                              start=self.samples_seen, lookahead=self._lookahead(),
                               own_lookahead=max(1, self.prefetch) if self.num_workers else None,
                               node_partitions=self.order.partitions_of_slice(
                                   node_slice, node_slice + self.ranks_per_node * self.batch_size))

@@ -68,8 +68,7 @@ def test_an_epoch_from_s3_shares_gets_between_adjacent_record_batches(s3_bucket,
     single, io_single = epoch(1)
     # (the lookahead may also have begun fetching the next epoch's first record batches)
     assert io_single["get_requests"] >= record_batches  # one GET per record batch without coalescing
-    # the first batches' record batches come one per GET (2 * prefetch batches), the rest share GETs: about
-    # 22 GETs here
+    # the first batch's record batches come one per GET, the rest share GETs
     assert io["get_requests"] < 0.6 * record_batches, dict(io)
     for a, b in zip(coalesced, single):
         assert torch.equal(a["sample_id"], b["sample_id"])
