@@ -23,6 +23,7 @@ Per configuration, shuffle quality: distinct shards per global batch over min(ba
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import shutil
 import sys
@@ -81,9 +82,8 @@ def single_process_order(local_url: str, batch: int, block: int, partitions: int
 
 def run_config(nodes: int, ranks: int, workers: int, a: argparse.Namespace, url: str, endpoint: str,
                work: Path) -> list[dict]:
-    from dataloaders.dataset import worker_context
-
-    ctx = worker_context()
+    ctx = multiprocessing.get_context("forkserver")  # rank processes: torch and the loader imported once
+    ctx.set_forkserver_preload(["torch", "dataloaders.dataset"])
     start, results = ctx.Event(), ctx.Queue()
     world = nodes * ranks
     shutil.rmtree(work / f"cache-{nodes}x{ranks}x{workers}", ignore_errors=True)  # every run starts cold

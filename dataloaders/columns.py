@@ -10,28 +10,30 @@ labels) are plain Arrow integers/floats; text columns are Arrow strings.
 from __future__ import annotations
 
 import json
-import math
+import sys
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import torch
 
-# dtype name -> (numpy storage dtype, Arrow storage type, torch dtype)
-_DTYPES: dict[str, tuple[np.dtype, pa.DataType, torch.dtype]] = {
-    "float64": (np.dtype(np.float64), pa.float64(), torch.float64),
-    "float32": (np.dtype(np.float32), pa.float32(), torch.float32),
-    "float16": (np.dtype(np.float16), pa.float16(), torch.float16),
-    "bfloat16": (np.dtype(np.uint16), pa.uint16(), torch.bfloat16),
-    "int64": (np.dtype(np.int64), pa.int64(), torch.int64),
-    "int32": (np.dtype(np.int32), pa.int32(), torch.int32),
-    "int16": (np.dtype(np.int16), pa.int16(), torch.int16),
-    "int8": (np.dtype(np.int8), pa.int8(), torch.int8),
-    "uint8": (np.dtype(np.uint8), pa.uint8(), torch.uint8),
-    "bool": (np.dtype(np.uint8), pa.uint8(), torch.bool),
+if TYPE_CHECKING:
+    import torch
+
+# dtype name (also torch's) -> (numpy storage dtype, Arrow storage type). torch is imported only where a
+# tensor is made: loader worker processes read shards without it.
+_DTYPES: dict[str, tuple[np.dtype, pa.DataType]] = {
+    "float64": (np.dtype(np.float64), pa.float64()),
+    "float32": (np.dtype(np.float32), pa.float32()),
+    "float16": (np.dtype(np.float16), pa.float16()),
+    "bfloat16": (np.dtype(np.uint16), pa.uint16()),
+    "int64": (np.dtype(np.int64), pa.int64()),
+    "int32": (np.dtype(np.int32), pa.int32()),
+    "int16": (np.dtype(np.int16), pa.int16()),
+    "int8": (np.dtype(np.int8), pa.int8()),
+    "uint8": (np.dtype(np.uint8), pa.uint8()),
+    "bool": (np.dtype(np.uint8), pa.uint8()),
 }
-_TORCH_NAMES = {v[2]: k for k, v in _DTYPES.items()}
 _NUMPY_NAMES = {np.dtype(np.float64): "float64", np.dtype(np.float32): "float32",
                 np.dtype(np.float16): "float16", np.dtype(np.int64): "int64", np.dtype(np.int32): "int32",
                 np.dtype(np.int16): "int16", np.dtype(np.int8): "int8", np.dtype(np.uint8): "uint8",
@@ -67,10 +69,11 @@ class ColumnSpec:
 
 def _as_numpy(values: Any) -> tuple[np.ndarray, str]:
     """A batch of values as a numpy array in its storage dtype, plus the logical dtype name."""
-    if isinstance(values, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor means torch is imported
+    if torch is not None and isinstance(values, torch.Tensor):
         t = values.detach().cpu().contiguous()
-        name = _TORCH_NAMES.get(t.dtype)
-        if name is None:
+        name = str(t.dtype).removeprefix("torch.")
+        if name not in _DTYPES:
             raise TypeError(f"tensor dtype {t.dtype} cannot be stored; use one of {sorted(_DTYPES)}")
         if t.dtype == torch.bfloat16:
             return t.view(torch.int16).numpy().view(np.uint16), name
@@ -130,6 +133,8 @@ def column_numpy(spec: ColumnSpec, array: pa.Array | pa.ChunkedArray) -> np.ndar
 
 def to_torch(spec: ColumnSpec, arr: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Storage-dtype rows (numpy, or a tensor from ``empty_rows``) as a tensor of the logical dtype."""
+    import torch
+
     t = torch.from_numpy(arr) if isinstance(arr, np.ndarray) else arr
     if spec.dtype == "bfloat16":
         return t.view(torch.bfloat16)
@@ -138,19 +143,11 @@ def to_torch(spec: ColumnSpec, arr: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t
 
 
-def empty_rows(spec: ColumnSpec, n: int, shared: bool) -> tuple[torch.Tensor, np.ndarray]:
-    """An uninitialised (n, *shape) storage-dtype tensor and a numpy view of it to fill.
+def empty_rows(spec: ColumnSpec, n: int) -> tuple[torch.Tensor, np.ndarray]:
+    """An uninitialised (n, *shape) storage-dtype tensor and a numpy view of it to fill."""
+    import torch
 
-    ``shared`` puts it in shared memory up front: a loader worker then hands it to the main process
-    without the extra copy torch's worker queue would otherwise make.
-    """
-    dtype = torch.from_numpy(np.empty(0, _DTYPES[spec.dtype][0])).dtype
-    shape = (n,) + tuple(spec.shape)
-    if shared and n:  # allocated in shared memory directly (share_memory_() would allocate, then copy into it)
-        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
-        t = torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(nbytes), 0, shape)
-    else:
-        t = torch.empty(shape, dtype=dtype)
+    t = torch.from_numpy(np.empty((n,) + tuple(spec.shape), _DTYPES[spec.dtype][0]))
     return t, t.numpy()
 
 

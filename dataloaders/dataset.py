@@ -9,7 +9,8 @@ The contract:
   when ``N`` divides ``P``, and it reads only their record batches.
 - A rank builds all its batches in its own process. Its ``K`` loader workers only fetch ahead: they put
   the record batches of the coming batches into the node cache, where the rank's process maps them
-  (``PrefetchStream``). So ``K`` changes nothing either.
+  (``PrefetchStream``; the workers run ``plan.RankPlan.prefetch``, which does not import torch). So ``K``
+  changes nothing either.
 - The state is the number of samples the whole job has consumed (plus what identifies the order, ``P``
   included). It is the same on every rank, so a job resumed on another number of ranks or nodes, with the
   same ``G``, continues the same global sequence. ``P`` is fixed by the first run (``data.partitions``,
@@ -33,41 +34,25 @@ import os
 import shutil
 import tempfile
 import threading
-import time
 from collections import Counter, deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
 from dataloaders import storage
-from dataloaders.cache import BatchCache
 from dataloaders.columns import ColumnSpec, empty_rows, to_torch
 from dataloaders.errors import DataError, ManifestError
 from dataloaders.manifest import Manifest, checksum_matches, manifest_url, parse_manifest
+from dataloaders.plan import ReadOptions, RankPlan, _Plan, fetch_units, prefetch_worker  # noqa: F401 (re-exported)
 from dataloaders.sampler.order import GlobalOrder
 from dataloaders.shards.index import RecordBatchIndex
 from dataloaders.shards.reader import ShardReader
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 1: the whole-shard block shuffle before issue 14, whose order this one does not reproduce
-_ENV_PREFIXES = ("AWS_", "FSSPEC_")
-
-
-@dataclass
-class ReadOptions:
-    """How shards are read; travels (as plain data) to every worker process."""
-
-    storage_options: dict = field(default_factory=dict)
-    retries: int = 5
-    timeout_s: float = storage.DEFAULT_TIMEOUT_S
-    fetch_threads: int = 8
-    cache_dir: str = ""
-    cache_bytes: int = 0
-    on_corrupt: str = "fail"
-    verify_checksums: bool = True
 
 
 def open_dataset(url: str, storage_options: dict | None = None, retries: int = 5,
@@ -150,63 +135,14 @@ def empty_condition(source: str | StreamingDataset, storage_options: dict | None
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Plan:
-    position: int  # stream position of the batch's first sample (this rank's slice)
-    batches: np.ndarray  # record batch of each sample
-    rows: np.ndarray  # row in it
+class RankBatches(RankPlan):
+    """This rank's batches from ``start`` on, built in the rank's process (what to read: ``RankPlan``)."""
 
-
-class RankBatches:
-    """This rank's batches from ``start`` on, built in the rank's process; and (``prefetch``) the body of its
-    prefetch worker processes, which fetch the record batches of the batches ahead into the node cache.
-
-    Picklable (plain data only), so worker processes can receive it; each builds its own filesystem.
-    """
-
-    def __init__(self, manifest: Manifest, index: RecordBatchIndex, order: GlobalOrder, read: ReadOptions, *,
-                 rank: int, world_size: int, global_batch_size: int, start: int, lookahead: int,
-                 node_partitions: list[int], urgent: int = 1, own_lookahead: int | None = None):
-        self.manifest = manifest
-        self.index = index
-        self.order = order
-        self.read = read
-        self.rank = rank
-        self.global_batch_size = global_batch_size
-        self.batch_size = global_batch_size // world_size
-        self.start = start
-        self.lookahead = lookahead  # batches planned ahead (by the prefetch workers when there are some)
-        # batches the rank's process itself plans and fetches ahead once prefetch workers run (`running`): a
-        # few, so that it fetches only what they have not got to; `lookahead` before and without them
-        self.own_lookahead = lookahead if own_lookahead is None else own_lookahead
-        self.running = None  # with workers: shared flag, set by the first worker that runs
-        self.urgent = urgent  # first batches whose record batches are fetched one per GET (no coalescing)
-        self.node_partitions = node_partitions  # whose record batches a bounded cache keeps first
-        self.progress = None  # with workers: shared stream position of the batch the rank's process is building
-        self._now = start
-        # A forkserver's children inherit the server's environment, frozen when it started; hand workers the
-        # parent's current credentials and endpoint instead.
-        self.env = {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
-
-    def _position(self, j: int) -> int:
-        return self.start + j * self.global_batch_size + self.rank * self.batch_size
-
-    def _plan(self, j: int) -> _Plan:
-        pos = self._position(j)
-        _, batches, rows = self.order.locate(pos, self.batch_size)
-        return _Plan(pos, batches, rows)
-
-    def _reader(self) -> ShardReader:
-        cache = None
-        if self.read.cache_dir:
-            cache = BatchCache(self.read.cache_dir, self.manifest.fingerprint, self.read.cache_bytes)
-            cache.next_use = lambda ids: self.order.next_use(ids, self._current(), self.node_partitions)
-        return ShardReader(self.manifest, self.index, self.read.storage_options, self.read.retries,
-                           self.read.timeout_s, cache, self.read.verify_checksums)
-
-    def _current(self) -> int:
-        """The stream position of the batch the rank's process is building (its first, before it has one)."""
-        return self._now if self.progress is None else max(self._position(0), int(self.progress.value))
+    def plan(self) -> RankPlan:
+        """The same plan without the batch-building part (what a prefetch worker receives)."""
+        out = RankPlan.__new__(RankPlan)
+        out.__dict__.update(self.__dict__)
+        return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         reader = self._reader()
@@ -260,78 +196,6 @@ class RankBatches:
             future = pool.submit(reader.read_batches, unit)
             resident.update(dict.fromkeys(unit, future))
 
-    # ---------------------------------------------------------------------------- in a prefetch worker
-    def prefetch(self, stop, counters, worker: int, parent: int) -> None:
-        """Keep the record batches of the ``lookahead`` batches after the next ``own_lookahead`` ones of the
-        rank's process in the node cache, in the order they will be needed, until ``stop.value`` is set or the
-        rank's process is gone.
-
-        The workers of a rank (and the other ranks of the node) share the work through the cache's claims:
-        a record batch that is cached or claimed is skipped, so each is fetched once. A fetch that fails is
-        left to the rank's process, which fetches the record batch itself and reports what is wrong.
-        ``counters[2 * worker: 2 * worker + 2]`` count this worker's bytes and GETs from storage."""
-        for key in [k for k in os.environ if k.startswith(_ENV_PREFIXES) and k not in self.env]:
-            del os.environ[key]
-        os.environ.update(self.env)
-        reader = self._reader()
-        pool = ThreadPoolExecutor(self.read.fetch_threads, thread_name_prefix="prefetch")
-        self.running.value = 1
-        handled: dict[int, int] = {}  # record batch -> the last planned batch that needs it
-        inflight: set[Future] = set()
-        queue: deque[list[int]] = deque()  # units to fetch, in the order of their first need
-        next_j, seen_now, last_check = 0, -1, time.monotonic()
-        chunk = max(1, self.lookahead // 4)
-        try:
-            while not stop.value:
-                if time.monotonic() - last_check > 1.0:
-                    last_check = time.monotonic()
-                    try:
-                        os.kill(parent, 0)
-                    except ProcessLookupError:
-                        return  # the rank's process is gone
-                if self.progress.value < 0:  # until the rank has its first batch, its fetches go first
-                    time.sleep(0.01)
-                    continue
-                now = (self._current() - self._position(0)) // self.global_batch_size  # the batch being built
-                # the next own_lookahead batches are the rank's process's to fetch (one GET per record batch
-                # at the start, so that its first batch comes soon); the workers fetch the lookahead after them
-                begin, end = now + self.own_lookahead, now + self.own_lookahead + self.lookahead
-                if now != seen_now:
-                    seen_now, next_j = now, max(next_j, begin)
-                    for b in [b for b, j in handled.items() if j < now]:
-                        del handled[b]  # passed: needed again only in a later block, planned again then
-                if next_j <= end - chunk and len(queue) < self.read.fetch_threads:
-                    fresh: dict[int, None] = {}  # topped up in chunks, as in _batches
-                    while next_j < end:
-                        for b in dict.fromkeys(self._plan(next_j).batches.tolist()):
-                            if b not in handled:
-                                fresh[b] = None
-                            handled[b] = next_j
-                        next_j += 1
-                    queue.extend(fetch_units(self.index, list(fresh), reader.max_get_bytes))
-                while queue and len(inflight) < self.read.fetch_threads:
-                    unit = [b for b in queue.popleft() if b in handled]  # not what the rank has moved past
-                    if unit:
-                        inflight.add(pool.submit(reader.prefetch_batches, unit))
-                if not inflight:
-                    time.sleep(0.01)  # everything planned is fetched: wait for the rank's process to move on
-                    continue
-                done, inflight = wait(inflight, timeout=0.01, return_when=FIRST_COMPLETED)
-                for future in done:
-                    if future.exception() is not None:
-                        log.warning("loader prefetch worker %d: %s (the rank's process fetches it itself)",
-                                    worker, future.exception())
-                self._count(counters, worker, reader)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            self._count(counters, worker, reader)
-
-    @staticmethod
-    def _count(counters, worker: int, reader: ShardReader) -> None:
-        taken = reader.take_counters()
-        counters[2 * worker] += taken.get("bytes_fetched", 0)
-        counters[2 * worker + 1] += taken.get("get_requests", 0)
-
     def _assemble(self, plan: _Plan, resident: dict[int, Future], bad: set[int], reader: ShardReader) -> dict[str, Any]:
         keep = np.ones(len(plan.batches), bool)
         decoded = {}
@@ -355,7 +219,7 @@ class RankBatches:
             if spec.kind == "string":
                 batch[spec.name] = [decoded[b].columns[spec.name][r] for b, r in zip(batches.tolist(), rows.tolist())]
                 continue
-            tensor, out = empty_rows(spec, len(batches), shared=False)
+            tensor, out = empty_rows(spec, len(batches))
             for b in np.unique(batches):
                 at = np.flatnonzero(batches == b)
                 out[at] = decoded[int(b)].columns[spec.name][rows[at]]
@@ -364,35 +228,6 @@ class RankBatches:
         batch["_skipped"] = dict(skipped)
         batch["_io"] = dict(reader.take_counters())
         return batch
-
-
-def fetch_units(index: RecordBatchIndex, batches: list[int], max_bytes: int) -> list[list[int]]:
-    """``batches`` (in the order they are first needed) grouped into runs of adjacent record batches of one
-    shard, each run at most ``max_bytes`` (one ranged GET), in the order of each run's first need.
-
-    Fewer, larger GETs: an object store spends per request (latency, and for some servers a pass over the
-    whole object), while the record batches of a run are all needed within the same window anyway."""
-    pending = set(batches)
-    units = []
-    for b in batches:
-        if b not in pending:
-            continue
-        pending.discard(b)
-        unit, size = [b], int(index.length[b])
-        for step in (1, -1):  # grow forward, then backward, through batches of this shard still to fetch
-            nxt = b + step
-            while (nxt in pending and index.shard[nxt] == index.shard[b]
-                   and size + int(index.length[nxt]) <= max_bytes):
-                pending.discard(nxt)
-                unit.append(nxt)
-                size += int(index.length[nxt])
-                nxt += step
-        units.append(sorted(unit))
-    return units
-
-
-def _prefetch_worker(batches: RankBatches, stop, counters, worker: int, parent: int) -> None:
-    batches.prefetch(stop, counters, worker, parent)
 
 
 class PrefetchStream:
@@ -417,8 +252,9 @@ class PrefetchStream:
         self._taken = [0, 0]
         # a plain shared flag: a multiprocessing Event's set() waits for every waiter, dead ones included
         self._stop = context.RawValue("b", 0)
-        self._procs = [context.Process(target=_prefetch_worker, name=f"loader-prefetch-{w}", daemon=True,
-                                       args=(batches, self._stop, self._counters, w, os.getpid()))
+        plan = batches.plan()
+        self._procs = [context.Process(target=prefetch_worker, name=f"loader-prefetch-{w}", daemon=True,
+                                       args=(plan, self._stop, self._counters, w, os.getpid()))
                        for w in range(num_workers)]
         self._local: Iterator | None = iter(batches)
         self._starter = threading.Thread(target=self._start, name="loader-prefetch-start", daemon=True)
@@ -656,15 +492,16 @@ def node_size(world_size: int, ranks_per_node: int | None) -> int:
 
 
 def worker_context(preload: list[str] | tuple[str, ...] = ()) -> multiprocessing.context.BaseContext:
-    """Where loader workers come from: a forkserver that has imported torch, this package and ``preload``
-    (the dataset's filesystem implementation, e.g. s3fs) once; the first call in a process starts it.
+    """Where loader workers come from: a forkserver that has imported the prefetch loop (``plan.py``, which
+    does not import torch) and ``preload`` (the dataset's filesystem implementation, e.g. s3fs) once; the
+    first call in a process starts it.
 
     Not plain fork: s3fs/aiobotocore event loops and sockets do not survive a fork (s3fs #914). The
     forkserver is a clean single-threaded process, so forking it is safe, and it saves every new worker the
-    seconds spawn spends re-importing torch. Workers build their own filesystem on first use.
+    imports. Workers build their own filesystem on first use.
     """
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "pyarrow", "dataloaders.dataset", *preload])
+    ctx.set_forkserver_preload(["dataloaders.plan", *preload])
     return ctx
 
 
