@@ -159,9 +159,9 @@ class RankBatches(RankPlan):
         bad: set[int] = set()
         next_j = 0
         # The window is topped up in chunks, so that the adjacent record batches of a shard that the new plans
-        # need can be fetched with one GET. The first `urgent` batches' record batches come one per GET, each
-        # batch's submitted before the next one's: the stream starts as soon as its first batch is in.
-        urgent = self.urgent
+        # need can be fetched with one GET. The first batch's record batches come one per GET, submitted before
+        # the rest: the stream starts as soon as they are in.
+        first = True
         while True:
             lookahead = self.own_lookahead if self.running is not None and self.running.value else self.lookahead
             chunk = max(1, lookahead // 4)
@@ -174,9 +174,9 @@ class RankBatches(RankPlan):
                     needed = list(dict.fromkeys(plan.batches.tolist()))
                     uses.update(needed)
                     fresh.update(dict.fromkeys(b for b in needed if b not in resident))
-                    if urgent > 0:
+                    if first:
                         self._submit([[b] for b in fresh], resident, reader, pool)
-                        fresh, urgent = {}, urgent - 1
+                        fresh, first = {}, False
                 self._submit(fetch_units(self.index, list(fresh), reader.max_get_bytes), resident, reader, pool)
             plan = planned.popleft()
             self._now = plan.position
@@ -286,7 +286,9 @@ class PrefetchStream:
 
     def __next__(self) -> dict[str, Any]:
         batch = next(self._local)
-        batch["_io"] = {**batch["_io"], **{k: batch["_io"].get(k, 0) + v for k, v in self.take_io().items()}}
+        io = Counter(batch["_io"])
+        io.update(self.take_io())
+        batch["_io"] = dict(io)
         return batch
 
     def take_io(self) -> dict[str, int]:

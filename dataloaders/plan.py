@@ -59,7 +59,7 @@ class RankPlan:
 
     def __init__(self, manifest: Manifest, index: RecordBatchIndex, order: GlobalOrder, read: ReadOptions, *,
                  rank: int, world_size: int, global_batch_size: int, start: int, lookahead: int,
-                 node_partitions: list[int], urgent: int = 1, own_lookahead: int | None = None):
+                 node_partitions: list[int], own_lookahead: int | None = None):
         self.manifest = manifest
         self.index = index
         self.order = order
@@ -73,7 +73,6 @@ class RankPlan:
         # few, so that it fetches only what they have not got to; `lookahead` before and without them
         self.own_lookahead = lookahead if own_lookahead is None else own_lookahead
         self.running = None  # with workers: shared flag, set by the first worker that runs
-        self.urgent = urgent  # first batches whose record batches are fetched one per GET (no coalescing)
         self.node_partitions = node_partitions  # whose record batches a bounded cache keeps first
         self.progress = None  # with workers: shared stream position of the batch the rank's process is building
         self._now = start

@@ -93,16 +93,7 @@ class ShardReader:
                 missing.append(i)
         mine = [i for i in missing if self.cache.claim(i)] if self.cache else missing
         theirs = [i for i in missing if i not in set(mine)]
-        try:
-            found.update(self._fetch_verified(mine))
-        finally:
-            for i in mine:
-                if self.cache is None:
-                    continue
-                if isinstance(found.get(i), DataError) or i not in found:
-                    self.cache.release(i)
-                else:
-                    self.cache.put(i, found[i])
+        found.update(self._fetch_claimed(mine))
         for i in theirs:
             data = self.cache.wait(i)
             if data is not None and self._problem(i, data, short=False) is None:
@@ -118,16 +109,22 @@ class ShardReader:
         """Put the record batches ``ids`` into the cache, except those already there or claimed by another
         process; nothing is decoded. A batch that stays corrupt is left out (its claim released): a reader
         that needs it fetches it and reports it. Storage failures raise, claims released."""
-        mine = [i for i in ids if not self.cache.has(i) and self.cache.claim(i)]
+        self._fetch_claimed([i for i in ids if not self.cache.has(i) and self.cache.claim(i)])
+
+    def _fetch_claimed(self, ids: list[int]) -> dict[int, bytes | pa.Buffer | DataError]:
+        """Fetch and verify ``ids`` (claimed in the cache, if any): the good ones are put in the cache, every
+        other claim is released, also when the fetch raises."""
         found: dict[int, bytes | pa.Buffer | DataError] = {}
         try:
-            found = self._fetch_verified(mine)
+            found = self._fetch_verified(ids)
         finally:
-            for i in mine:
-                if isinstance(found.get(i), DataError) or i not in found:
-                    self.cache.release(i)
-                else:
-                    self.cache.put(i, found[i])
+            if self.cache is not None:
+                for i in ids:
+                    if isinstance(found.get(i), DataError) or i not in found:
+                        self.cache.release(i)
+                    else:
+                        self.cache.put(i, found[i])
+        return found
 
     def _fetch_verified(self, ids: list[int]) -> dict[int, bytes | pa.Buffer | DataError]:
         out: dict[int, bytes | pa.Buffer | DataError] = {}
