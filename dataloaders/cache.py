@@ -13,6 +13,11 @@ partitions the node does not serve before all others. Eviction runs when this pr
 total crosses the budget and brings it down to 90 % of it, so the directory is listed rarely; another
 process's writes since the last listing can overshoot the budget briefly. An entry evicted while a reader
 has it memory-mapped stays readable to that reader (unlink removes the name, not the mapping).
+
+Readers verify what they map, but only entries older than their cache: an entry published since this
+process opened the cache was verified by the live process that wrote it, and a copy corrupted at rest
+(bit rot, a crash before the data reached the disk) is older than that. ``trusted`` tells which; ``vouch``
+marks an older entry as verified once it has been checked, so that it is checked once per run.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ class BatchCache:
         # record batch ids -> distance to their next use (inf: not needed by this node); None: oldest first
         self.next_use: Callable[[np.ndarray], np.ndarray] | None = None
         self._estimate: int | None = None  # bytes in the cache as this process last counted, plus its own puts
+        self.opened = time.time()  # entries modified since were written (verified) by live processes
+
 
     def _path(self, batch: int) -> Path:
         return self.dir / f"{batch:09d}.arrow-batch"
@@ -52,6 +59,21 @@ class BatchCache:
             return pa.memory_map(str(self._path(batch)), "r").read_buffer()
         except FileNotFoundError:
             return None
+
+    def trusted(self, batch: int) -> bool:
+        """Whether the entry was published (or vouched for) since this cache was opened: verified then, by
+        a process of this run. False if it is gone."""
+        try:
+            return self._path(batch).stat().st_mtime >= self.opened
+        except FileNotFoundError:
+            return False
+
+    def vouch(self, batch: int) -> None:
+        """Mark an entry this process has verified as trusted for the rest of the run."""
+        try:
+            os.utime(self._path(batch))
+        except FileNotFoundError:
+            pass
 
     def has(self, batch: int) -> bool:
         """Whether a complete entry is there (not verified: readers check what they map)."""

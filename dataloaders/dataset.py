@@ -353,7 +353,7 @@ class StreamingLoader:
         self.prefetch = prefetch
         self.samples_seen = 0  # by the whole job, in the global stream
         self.skipped: Counter = Counter()  # shard path -> samples this rank skipped (on_corrupt=skip)
-        # this rank's reads: bytes_fetched and get_requests (from storage), cache_hits, cache_waits
+        # this rank's reads: bytes_fetched and get_requests (from storage), cache_hits, cache_waits, cache_checks
         self.io: Counter = Counter()
         self._live: Iterator | None = None
         self.stream: Iterator | None = None  # the live source: this process's batches, or a PrefetchStream

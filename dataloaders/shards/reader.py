@@ -83,7 +83,7 @@ class ShardReader:
         missing = []
         for i in ids:
             data = self.cache.get(i) if self.cache else None
-            if data is not None and self._problem(i, data, short=False) is None:
+            if data is not None and self._cached_ok(i, data):
                 found[i] = data
                 self._count(cache_hits=1)
             else:
@@ -96,7 +96,7 @@ class ShardReader:
         found.update(self._fetch_claimed(mine))
         for i in theirs:
             data = self.cache.wait(i)
-            if data is not None and self._problem(i, data, short=False) is None:
+            if data is not None and self._cached_ok(i, data):
                 found[i] = data
                 self._count(cache_waits=1)
             else:  # its claimant gave up or died: fetch it here (and share it if it is good)
@@ -171,6 +171,16 @@ class ShardReader:
                     piece = buffer[s - start:s - start + length]
                     out[i] = (piece, bool(ix.last[i]) and len(blob) < end - start)
         return out
+
+    def _cached_ok(self, i: int, data: pa.Buffer) -> bool:
+        """A cached entry is good: its length always, its checksum if it predates this run's cache."""
+        if self.cache.trusted(i):
+            return len(data) == self.index.length[i]
+        if self._problem(i, data, short=False) is not None:
+            return False
+        self._count(cache_checks=1)
+        self.cache.vouch(i)
+        return True
 
     def _where(self, i: int) -> str:
         info = self.manifest.shards[int(self.index.shard[i])]

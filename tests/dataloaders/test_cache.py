@@ -4,8 +4,10 @@ bounded cache that evicts by the known future order."""
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -107,9 +109,34 @@ def test_a_corrupt_cached_entry_is_fetched_again(batched, tmp_path):
     ShardReader(ds.manifest, ds.record_batches(), cache=cache).read_batches([1])
     path = cache._path(1)
     path.write_bytes(b"\0" * path.stat().st_size)
+    os.utime(path, (cache.opened - 3600, cache.opened - 3600))  # rotted at rest, since an earlier run
     reader = ShardReader(ds.manifest, ds.record_batches(), cache=cache)
     assert reader.read_batches([1])[1].columns["sample_id"].tolist() == list(range(8, 16))
     assert reader.counters["get_requests"] == 1 and cache.get(1).to_pybytes() != b"\0" * path.stat().st_size
+
+
+def test_entries_of_earlier_runs_are_verified_once_and_this_runs_are_trusted(batched, tmp_path, monkeypatch):
+    ds = open_dataset(batched)
+    earlier = BatchCache(str(tmp_path / "cache"), ds.manifest.fingerprint)
+    ShardReader(ds.manifest, ds.record_batches(), cache=earlier).read_batches([1, 2])
+    for b in (1, 2):
+        os.utime(earlier._path(b), (earlier.opened - 60, earlier.opened - 60))
+    cache = BatchCache(str(tmp_path / "cache"), ds.manifest.fingerprint)
+    ShardReader(ds.manifest, ds.record_batches(), cache=cache).read_batches([3])  # published in this run
+    crcs = []
+    crc32 = zlib.crc32
+    monkeypatch.setattr(zlib, "crc32", lambda data, *a: crcs.append(len(data)) or crc32(data, *a))
+    reader = ShardReader(ds.manifest, ds.record_batches(), cache=cache)
+    for _ in range(2):
+        got = reader.read_batches([1, 2, 3])
+        assert [got[b].columns["sample_id"].tolist() for b in (1, 2, 3)] == [list(range(8 * b, 8 * b + 8))
+                                                                            for b in (1, 2, 3)]
+    assert reader.counters == {"cache_hits": 6, "cache_checks": 2}  # 1 and 2 checked on first use only
+    assert len(crcs) == 2 and not reader.counters["get_requests"]
+    # a truncated entry fails its length check even when trusted, and is fetched again
+    cache._path(3).write_bytes(cache._path(3).read_bytes()[:-1])
+    assert reader.read_batches([3])[3].columns["sample_id"].tolist() == list(range(24, 32))
+    assert reader.counters["get_requests"] == 1
 
 
 def test_next_use_is_the_distance_to_the_block_that_needs_a_batch():
