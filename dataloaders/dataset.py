@@ -213,16 +213,15 @@ class RankBatches(RankPlan):
                 skipped[self.manifest.shards[int(self.index.shard[b])].path] += int(mask.sum())
                 continue
             decoded[b] = result
-        batches, rows = plan.batches[keep], plan.rows[keep]
+        pairs = list(zip(plan.batches[keep].tolist(), plan.rows[keep].tolist()))
         batch: dict[str, Any] = {}
         for spec in self.manifest.columns:
             if spec.kind == "string":
-                batch[spec.name] = [decoded[b].columns[spec.name][r] for b, r in zip(batches.tolist(), rows.tolist())]
+                batch[spec.name] = [decoded[b].columns[spec.name][r] for b, r in pairs]
                 continue
-            tensor, out = empty_rows(spec, len(batches))
-            for b in np.unique(batches):
-                at = np.flatnonzero(batches == b)
-                out[at] = decoded[int(b)].columns[spec.name][rows[at]]
+            tensor, out = empty_rows(spec, len(pairs))
+            for k, (b, r) in enumerate(pairs):  # row by row: one copy each, no gathered temporary
+                out[k] = decoded[b].columns[spec.name][r]
             batch[spec.name] = to_torch(spec, tensor)
         batch["_position"] = plan.position
         batch["_skipped"] = dict(skipped)
