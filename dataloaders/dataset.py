@@ -235,8 +235,9 @@ class PrefetchStream:
     The workers fetch the record batches of the next batches into the node cache (a temporary one for this
     stream when ``data.cache_dir`` is not set), the rank's process maps them from there and builds each
     batch as with ``num_workers=0``: no batch crosses a process boundary, and the sequence cannot depend on
-    the workers. Until they run (process start, imports, S3 client: seconds), the rank's process fetches
-    its first batches' record batches itself; later it fetches only what the workers have not got to.
+    the workers. They start once the rank's process has built its first batch, so that their start (process,
+    imports, S3 client: a CPU-second or more) does not delay it; until they run, the rank's process fetches
+    its first batches' record batches itself, later only what the workers have not got to.
     """
 
     def __init__(self, batches: RankBatches, num_workers: int, preload: list[str] = ()):
@@ -256,8 +257,7 @@ class PrefetchStream:
                                        args=(plan, self._stop, self._counters, w, os.getpid()))
                        for w in range(num_workers)]
         self._local: Iterator | None = iter(batches)
-        self._starter = threading.Thread(target=self._start, name="loader-prefetch-start", daemon=True)
-        self._starter.start()
+        self._starter: threading.Thread | None = None  # started after the first batch
 
     @staticmethod
     def _budget(batches: RankBatches) -> int:
@@ -285,6 +285,9 @@ class PrefetchStream:
 
     def __next__(self) -> dict[str, Any]:
         batch = next(self._local)
+        if self._starter is None:
+            self._starter = threading.Thread(target=self._start, name="loader-prefetch-start", daemon=True)
+            self._starter.start()
         io = Counter(batch["_io"])
         io.update(self.take_io())
         batch["_io"] = dict(io)
@@ -301,7 +304,8 @@ class PrefetchStream:
         if self._local is not None:
             self._local.close()
             self._local = None
-        self._starter.join()
+        if self._starter is not None:
+            self._starter.join()
         for proc in self._procs:
             if proc.pid is not None:
                 proc.join(timeout=30)
