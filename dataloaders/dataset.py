@@ -17,7 +17,7 @@ The contract:
   default: its node count); a later run is efficient when its node count divides ``P``.
 
 A lookahead of planned batches decides which record batches to fetch; a thread pool fetches them (one
-ranged GET per run of adjacent batches of a shard, up to 32 MiB: ``fetch_units``) while earlier batches are
+ranged GET per run of adjacent batches of a shard, up to 64 MiB: ``fetch_units``) while earlier batches are
 being used (S3 latency stays off the training step), and a record batch is released once no planned batch
 needs it. With ``data.cache_dir`` the ranks and workers of a node share one cache (``cache.py``), so each
 record batch is downloaded once per node; with workers and no ``cache_dir``, the rank and its workers share a

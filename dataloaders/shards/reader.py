@@ -36,7 +36,7 @@ from dataloaders.manifest import Manifest, ShardInfo, checksum_matches
 from dataloaders.shards.index import RecordBatchIndex
 
 log = logging.getLogger(__name__)
-MAX_GET_BYTES = 32 << 20  # coalesce adjacent record batches up to this many bytes per GET
+MAX_GET_BYTES = 64 << 20  # coalesce adjacent record batches up to this many bytes per GET
 
 
 @dataclass
