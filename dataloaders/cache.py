@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 
 _HOST = socket.gethostname()
+OWNER = "owner"  # a temporary cache directory's file naming its owner process: "host pid"
 
 
 class BatchCache:
@@ -106,14 +109,7 @@ class BatchCache:
             return False  # released meanwhile (or still being written): look again
         if age > self.stale_after_s:
             return True
-        if len(owner) == 2 and owner[0] == _HOST:
-            try:
-                os.kill(int(owner[1]), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, ValueError):
-                pass
-        return False
+        return owner_gone(owner)
 
     def wait(self, batch: int) -> pa.Buffer | None:
         """The entry another process has claimed, once it is there; None if that process gave up or died
@@ -182,3 +178,33 @@ class BatchCache:
 
     def size_bytes(self) -> int:
         return sum(self.entries().values())
+
+
+def owner_gone(owner: list[str]) -> bool:
+    """Whether the process named by ``[host, pid]`` (a claim's or a temporary cache's owner) has died: only
+    known for a process of this host."""
+    if len(owner) != 2 or owner[0] != _HOST:
+        return False
+    try:
+        os.kill(int(owner[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        pass
+    return False
+
+
+def temporary_cache(prefix: str = "flowscale-loader-") -> str:
+    """A new temporary cache directory owned by this process; first removes those whose owner on this host
+    died (a killed rank cannot remove its own)."""
+    parent = Path(tempfile.gettempdir())
+    for entry in parent.glob(f"{prefix}*"):
+        try:
+            gone = owner_gone((entry / OWNER).read_text().split())
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue  # not one of ours, or still being created
+        if gone:
+            shutil.rmtree(entry, ignore_errors=True)
+    directory = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    (Path(directory) / OWNER).write_text(f"{_HOST} {os.getpid()}")
+    return directory

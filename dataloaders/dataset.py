@@ -32,7 +32,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import tempfile
 import threading
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -43,6 +42,7 @@ import numpy as np
 import torch
 
 from dataloaders import storage
+from dataloaders.cache import temporary_cache
 from dataloaders.columns import ColumnSpec, empty_rows, to_torch
 from dataloaders.errors import DataError, ManifestError
 from dataloaders.manifest import Manifest, checksum_matches, manifest_url, parse_manifest
@@ -243,7 +243,7 @@ class PrefetchStream:
     def __init__(self, batches: RankBatches, num_workers: int, preload: list[str] = ()):
         self._temp = None
         if not batches.read.cache_dir:
-            self._temp = tempfile.mkdtemp(prefix="flowscale-loader-")
+            self._temp = temporary_cache()
             batches.read = replace(batches.read, cache_dir=self._temp, cache_bytes=self._budget(batches))
         context = worker_context(preload)
         batches.progress = context.RawValue("q", -1)  # -1: no batch built yet

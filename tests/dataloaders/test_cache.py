@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
+import tempfile
 import threading
 import time
 import zlib
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from dataloaders import open_dataset
-from dataloaders.cache import BatchCache
+from dataloaders.cache import BatchCache, temporary_cache
 from dataloaders.dataset import ReadOptions
 from dataloaders.sampler.order import GlobalOrder
 from dataloaders.shards.reader import ShardReader
@@ -182,3 +184,20 @@ def test_each_record_batch_is_fetched_once_per_node_whatever_the_worker_count(s3
     tails = sum(ds.manifest.shards[int(index.shard[b])].bytes - int(index.offset[b] + index.length[b])
                 for b in range(len(index)) if index.last[b])
     assert fetched == int(index.length.sum()) + tails and gets <= len(index)
+
+
+def test_a_temporary_cache_whose_process_died_is_removed_by_the_next_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    dead.start()
+    dead.join()
+    host = socket.gethostname()
+    owners = {"dead": f"{host} {dead.pid}", "alive": f"{host} {os.getpid()}", "elsewhere": f"other-host {dead.pid}"}
+    for name, owner in owners.items():
+        (tmp_path / f"flowscale-loader-{name}" / "ab").mkdir(parents=True)
+        (tmp_path / f"flowscale-loader-{name}" / "owner").write_text(owner)
+    (tmp_path / "flowscale-loader-starting").mkdir()  # its owner file is not written yet
+    new = Path(temporary_cache())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["flowscale-loader-alive", "flowscale-loader-elsewhere", "flowscale-loader-starting", new.name])
+    assert new.parent == tmp_path and (new / "owner").read_text() == f"{host} {os.getpid()}"
