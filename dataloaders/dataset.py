@@ -150,6 +150,7 @@ class RankBatches(RankPlan):
         try:
             yield from self._batches(reader, pool)
         finally:
+            reader.close()  # reads in flight stop retrying
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _batches(self, reader: ShardReader, pool: ThreadPoolExecutor):

@@ -163,6 +163,7 @@ class RankPlan:
                                     worker, future.exception())
                 self._count(counters, worker, reader)
         finally:
+            reader.close()
             pool.shutdown(wait=True, cancel_futures=True)
             self._count(counters, worker, reader)
 

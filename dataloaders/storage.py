@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 import time
 from typing import Any, Callable, TypeVar
 
@@ -81,8 +82,10 @@ def classify(err: BaseException, url: str) -> StorageAccessError | None:
 
 
 def with_retries(action: Callable[[], T], url: str, retries: int, what: str = "read",
-                 is_transient: Callable[[BaseException], bool] = lambda e: True) -> T:
-    """Run ``action``; retry transient failures with exponential backoff (0.1 s doubling, capped at 5 s)."""
+                 is_transient: Callable[[BaseException], bool] = lambda e: True,
+                 cancel: threading.Event | None = None) -> T:
+    """Run ``action``; retry transient failures with exponential backoff (0.1 s doubling, capped at 5 s).
+    Once ``cancel`` is set (its reader was closed) no further attempt is made."""
     for attempt in range(retries + 1):
         try:
             return action()
@@ -97,26 +100,35 @@ def with_retries(action: Callable[[], T], url: str, retries: int, what: str = "r
                     f"could not {what} {url} after {retries + 1} attempts; last error: {type(e).__name__}: {e}"
                 ) from e
             delay = min(5.0, 0.1 * 2**attempt) * (0.5 + random.random())
+            if cancel is not None and cancel.is_set():
+                raise StorageAccessError(f"{what} {url} abandoned: its reader was closed ({type(e).__name__}: "
+                                         f"{e})") from e
             log.warning("%s %s failed (%s: %s); retry %d/%d in %.2fs", what, url, type(e).__name__, e,
                         attempt + 1, retries, delay)
-            time.sleep(delay)
+            if cancel is None:
+                time.sleep(delay)
+            elif cancel.wait(delay):
+                raise StorageAccessError(f"{what} {url} abandoned: its reader was closed ({type(e).__name__}: "
+                                         f"{e})") from e
     raise AssertionError("unreachable")
 
 
-def read_bytes(fs: fsspec.AbstractFileSystem, path: str, url: str, retries: int) -> bytes:
-    return with_retries(lambda: fs.cat_file(path), url, retries)
+def read_bytes(fs: fsspec.AbstractFileSystem, path: str, url: str, retries: int,
+               cancel: threading.Event | None = None) -> bytes:
+    return with_retries(lambda: fs.cat_file(path), url, retries, cancel=cancel)
 
 
-def read_buffer(fs: fsspec.AbstractFileSystem, path: str, url: str, retries: int) -> bytes | pa.Buffer:
+def read_buffer(fs: fsspec.AbstractFileSystem, path: str, url: str, retries: int,
+                cancel: threading.Event | None = None) -> bytes | pa.Buffer:
     """A whole (large) object. A local file is memory-mapped instead of read: one copy fewer per shard,
     which on NVMe or a warm page cache is a third of the loader's memory traffic."""
     if is_local(fs):
-        return with_retries(lambda: pa.memory_map(path, "r").read_buffer(), url, retries)
-    return read_bytes(fs, path, url, retries)
+        return with_retries(lambda: pa.memory_map(path, "r").read_buffer(), url, retries, cancel=cancel)
+    return read_bytes(fs, path, url, retries, cancel)
 
 
 def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int, url: str,
-               retries: int) -> bytes | pa.Buffer:
+               retries: int, cancel: threading.Event | None = None) -> bytes | pa.Buffer:
     """Bytes [start, end) of an object (one ranged GET), fewer if the object is shorter: the caller compares
     the length with what it expected. A local file is memory-mapped."""
     if is_local(fs):
@@ -124,7 +136,7 @@ def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int, u
             mapped = pa.memory_map(path, "r")
             mapped.seek(min(start, mapped.size()))
             return mapped.read_buffer(max(0, end - start))
-        return with_retries(local, url, retries)
+        return with_retries(local, url, retries, cancel=cancel)
 
     def ranged() -> bytes:
         try:
@@ -133,7 +145,7 @@ def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int, u
             if "range is not satisfiable" in str(e).lower() or "InvalidRange" in str(e):
                 return b""
             raise
-    return with_retries(ranged, url, retries)
+    return with_retries(ranged, url, retries, cancel=cancel)
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

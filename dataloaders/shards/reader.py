@@ -61,6 +61,12 @@ class ShardReader:
         # bytes and GETs from storage, record batches served by the cache (own or waited for)
         self.counters: Counter = Counter()
         self._lock = threading.Lock()
+        self.closed = threading.Event()  # set by close(): reads in flight stop retrying
+
+    def close(self) -> None:
+        """Stop retrying: a read still failing gives up at its next retry instead of running out its budget
+        (the fetch threads of a closed loader would otherwise keep calling a failing store for seconds)."""
+        self.closed.set()
 
     def url_of(self, info: ShardInfo) -> str:
         return storage.join(self.manifest.root, info.path)
@@ -148,7 +154,8 @@ class ShardReader:
             out = {}
             for i in ids:
                 info = self.manifest.shards[int(ix.shard[i])]
-                data = storage.read_buffer(self.fs, storage.join(self.root, info.path), self.url_of(info), self.retries)
+                data = storage.read_buffer(self.fs, storage.join(self.root, info.path), self.url_of(info), self.retries,
+                                           self.closed)
                 self._count(bytes_fetched=len(data), get_requests=1)
                 out[i] = (data, False)
             return out
@@ -162,7 +169,7 @@ class ShardReader:
         merged = merge_offset_ranges(paths, starts, ends, max_gap=0, max_block=self.max_get_bytes)
         for path, start, end in zip(*merged):
             blob = storage.read_range(self.fs, storage.join(self.root, path), start, end,
-                                      storage.join(self.manifest.root, path), self.retries)
+                                      storage.join(self.manifest.root, path), self.retries, self.closed)
             self._count(bytes_fetched=len(blob), get_requests=1)
             buffer = blob if isinstance(blob, pa.Buffer) else pa.py_buffer(blob)
             for i, p, s in zip(ids, paths, starts):
@@ -211,7 +218,7 @@ class ShardReader:
         url = self.url_of(info)
         if not self.index.whole_shards:
             try:
-                whole = storage.read_buffer(self.fs, storage.join(self.root, info.path), url, self.retries)
+                whole = storage.read_buffer(self.fs, storage.join(self.root, info.path), url, self.retries, self.closed)
                 check_schema(pa.ipc.open_file(pa.py_buffer(whole) if isinstance(whole, bytes) else whole).schema,
                              self.manifest.columns, url)
             except SchemaMismatchError as e:
@@ -245,7 +252,7 @@ class ShardReader:
         """Fetch, verify and decode a whole Arrow file (the empty condition); ``specs`` default: the manifest's."""
         url = self.url_of(info)
         for attempt in range(2):
-            data = storage.read_buffer(self.fs, storage.join(self.root, info.path), url, self.retries)
+            data = storage.read_buffer(self.fs, storage.join(self.root, info.path), url, self.retries, self.closed)
             self._count(bytes_fetched=len(data), get_requests=1)
             problem = (f"{len(data)} bytes, the manifest says {info.bytes} (truncated or replaced)"
                        if len(data) != info.bytes else

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import http.client
 import signal
+import socket
+import threading
 import time
 from urllib.parse import urlparse
 
@@ -14,6 +16,8 @@ import pytest
 
 from dataloaders import open_dataset
 from dataloaders.dataset import ReadOptions
+from dataloaders.errors import StorageAccessError
+from dataloaders.shards.reader import ShardReader
 from tests.dataloaders.conftest import assert_rows_match_ids, write_small
 from tests.dataloaders.fault_proxy import FAULTS, FaultProxy
 
@@ -93,3 +97,31 @@ def test_proxy_counts_a_fault_once_it_reached_the_client(s3_bucket, s3_env):
             out = _request(proxy.url, method, f"/{bucket}/object")
             assert expected(out) if callable(expected) else out == expected, f"request {i} ({method}): {out!r}"
             assert _counts(proxy, counts) == counts, f"after request {i} ({method})"
+
+
+def test_a_closed_reader_stops_retrying_a_failing_store(s3_bucket):
+    ds = open_dataset(write_small(f"{s3_bucket}/ds", n=32, shard_rows=16))
+    with socket.socket() as s:  # a port nothing listens on: every read fails, and would be retried
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    reader = ShardReader(ds.manifest, ds.record_batches(), {"endpoint_url": dead}, retries=8, timeout_s=1.0)
+    outcome = []
+
+    def read() -> None:
+        try:
+            reader.read_batches([0])
+        except StorageAccessError as e:
+            outcome.append((str(e), time.monotonic()))
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    time.sleep(0.5)
+    closed = time.monotonic()
+    reader.close()
+    # One attempt (s3fs and botocore retry a refused connection inside it) takes about 5 s here; all 9
+    # would take about a minute, backoff included. The attempt in flight at close() is not cut short.
+    thread.join(timeout=40)
+    assert not thread.is_alive() and outcome, "the read went on retrying after close"
+    message, ended = outcome[0]
+    assert "its reader was closed" in message and ds.manifest.shards[0].path in message
+    assert ended - closed < 15, ended - closed
