@@ -28,6 +28,7 @@ T = TypeVar("T")
 # Seconds a single S3 request may stall before it is abandoned and retried (a stalled socket would
 # otherwise hang an epoch forever).
 DEFAULT_TIMEOUT_S = 30.0
+_NEVER = threading.Event()  # the backoff of reads that cannot be cancelled (never set)
 
 
 # This process's object-store filesystems, by pid and settings: opening a dataset, its record-batch index and
@@ -100,16 +101,13 @@ def with_retries(action: Callable[[], T], url: str, retries: int, what: str = "r
                     f"could not {what} {url} after {retries + 1} attempts; last error: {type(e).__name__}: {e}"
                 ) from e
             delay = min(5.0, 0.1 * 2**attempt) * (0.5 + random.random())
-            if cancel is not None and cancel.is_set():
-                raise StorageAccessError(f"{what} {url} abandoned: its reader was closed ({type(e).__name__}: "
-                                         f"{e})") from e
-            log.warning("%s %s failed (%s: %s); retry %d/%d in %.2fs", what, url, type(e).__name__, e,
-                        attempt + 1, retries, delay)
-            if cancel is None:
-                time.sleep(delay)
-            elif cancel.wait(delay):
-                raise StorageAccessError(f"{what} {url} abandoned: its reader was closed ({type(e).__name__}: "
-                                         f"{e})") from e
+            cancel = cancel or _NEVER
+            if not cancel.is_set():
+                log.warning("%s %s failed (%s: %s); retry %d/%d in %.2fs", what, url, type(e).__name__, e,
+                            attempt + 1, retries, delay)
+                if not cancel.wait(delay):
+                    continue
+            raise StorageAccessError(f"{what} {url} abandoned: its reader was closed ({type(e).__name__}: {e})") from e
     raise AssertionError("unreachable")
 
 

@@ -154,8 +154,8 @@ class ShardReader:
             out = {}
             for i in ids:
                 info = self.manifest.shards[int(ix.shard[i])]
-                data = storage.read_buffer(self.fs, storage.join(self.root, info.path), self.url_of(info), self.retries,
-                                           self.closed)
+                data = storage.read_buffer(self.fs, storage.join(self.root, info.path), self.url_of(info),
+                                           self.retries, self.closed)
                 self._count(bytes_fetched=len(data), get_requests=1)
                 out[i] = (data, False)
             return out
@@ -218,7 +218,8 @@ class ShardReader:
         url = self.url_of(info)
         if not self.index.whole_shards:
             try:
-                whole = storage.read_buffer(self.fs, storage.join(self.root, info.path), url, self.retries, self.closed)
+                whole = storage.read_buffer(self.fs, storage.join(self.root, info.path), url, self.retries,
+                                            self.closed)
                 check_schema(pa.ipc.open_file(pa.py_buffer(whole) if isinstance(whole, bytes) else whole).schema,
                              self.manifest.columns, url)
             except SchemaMismatchError as e:
@@ -252,7 +253,8 @@ class ShardReader:
         """Fetch, verify and decode a whole Arrow file (the empty condition); ``specs`` default: the manifest's."""
         url = self.url_of(info)
         for attempt in range(2):
-            data = storage.read_buffer(self.fs, storage.join(self.root, info.path), url, self.retries, self.closed)
+            data = storage.read_buffer(self.fs, storage.join(self.root, info.path), url, self.retries,
+                                       self.closed)
             self._count(bytes_fetched=len(data), get_requests=1)
             problem = (f"{len(data)} bytes, the manifest says {info.bytes} (truncated or replaced)"
                        if len(data) != info.bytes else
