@@ -248,6 +248,11 @@ class ClusterConfig(Section):
     use_gpu: bool = Field(False, description="one GPU per worker and NCCL; False = CPU workers and gloo")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker")
     max_failures: int = Field(3, ge=-1, description="worker-group restarts from the last checkpoint; -1 = forever")
+    poll_interval_s: float = Field(
+        0.5, gt=0, le=60, description="seconds between the Ray Train controller's polls of the workers "
+        "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, Ray's default 2). A worker's report waits until the previous "
+        "one has been polled, so reports closer together than this stall training"
+    )
     shard_size: int = Field(
         0, ge=0, description="HSDP: shard parameters within groups of this many ranks (a node) and replicate "
         "across groups; 0 = shard over all ranks (plain FSDP2). Must divide num_workers"

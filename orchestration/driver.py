@@ -9,6 +9,7 @@ called from inside another Ray task. The per-worker side is ``orchestration.work
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -202,7 +203,30 @@ def launch(cfg: JobConfig, mlflow_run_id: str | None, callbacks: list | None = N
         run_config=run_config,
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
     )
-    return trainer.fit()
+    with controller_env(cfg):
+        return trainer.fit()
+
+
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+@contextlib.contextmanager
+def controller_env(cfg: JobConfig):
+    """The environment Ray Train passes to the controller it starts in ``fit()``: its poll interval.
+
+    A worker's ``report`` waits until the controller has polled the previous one (Ray Train keeps one
+    result per worker), and the controller polls every 2 s by default: a job reporting every second
+    trained at half speed. Ray propagates the variable from the process that calls ``fit()`` (a job's
+    driver, a sweep's trial), so it is set there for the call and restored after."""
+    saved = os.environ.get(POLL_INTERVAL_ENV)
+    os.environ[POLL_INTERVAL_ENV] = str(cfg.cluster.poll_interval_s)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(POLL_INTERVAL_ENV, None)
+        else:
+            os.environ[POLL_INTERVAL_ENV] = saved
 
 
 def open_tracking(cfg: JobConfig, source: str, tags: dict[str, str] | None = None) -> str | None:

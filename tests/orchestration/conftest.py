@@ -49,7 +49,8 @@ def job_args(ws, name: str, *extra: str) -> list[str]:
         "model.depth=2", "model.head_dim=16", "train.global_batch_size=16", f"train.steps={STEPS}",
         "train.log_every=5", "train.eval_every=0", "train.val_batches=1", "optim.schedule=constant",
         "optim.warmup_steps=0", "checkpoint.every=10", "checkpoint.keep=2", "sample.steps=3",
-        "sample.num_per_prompt=1", "cluster.max_failures=2", "mlflow.system_metrics=false",
+        "sample.num_per_prompt=1", "cluster.max_failures=2", "cluster.poll_interval_s=0.1",
+        "mlflow.system_metrics=false",
         f"data.url={ws['data']}", f"run.storage_path={ws['runs']}", f"run.name={name}",
         f"mlflow.tracking_uri={ws['mlflow']}", *extra,
     ]

@@ -27,7 +27,8 @@ def distill_args(ws, name: str, *extra: str) -> list[str]:
     return [
         "train.global_batch_size=16", f"train.steps={DISTILL_STEPS}", "train.log_every=3", "train.eval_every=0",
         "train.val_batches=1", "train.val_timesteps=[0.5]", "checkpoint.every=3", "sample.num_per_prompt=1",
-        "distill.tangent_warmup_steps=4", "cluster.max_failures=0", "mlflow.system_metrics=false",
+        "distill.tangent_warmup_steps=4", "cluster.max_failures=0", "cluster.poll_interval_s=0.1",
+        "mlflow.system_metrics=false",
         f"data.url={ws['data']}", f"run.storage_path={ws['runs']}", f"run.name={name}",
         f"mlflow.tracking_uri={ws['mlflow']}", *extra,
     ]

@@ -9,7 +9,8 @@ from dataloaders.prepare import ensure_digits
 from tests.orchestration.conftest import submit_job
 
 TINY = ["model.depth=2", "model.head_dim=16", "train.global_batch_size=8", "train.log_every=2", "train.val_batches=1",
-        "sample.steps=2", "sample.num_per_prompt=1", "mlflow.system_metrics=false"]
+        "sample.steps=2", "sample.num_per_prompt=1", "mlflow.system_metrics=false",
+        "cluster.poll_interval_s=0.1"]
 
 
 @pytest.fixture

@@ -261,3 +261,21 @@ def test_a_cluster_file_left_by_a_killed_job_does_not_hold_up_the_next(workspace
         assert "step 2/2" in out.stdout
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_the_poll_interval_reaches_the_controller_that_fit_starts(workspace, monkeypatch):
+    """Ray Train hands the controller the variables it propagates, read when ``fit()`` starts it: the
+    configured interval is among them during the call, and the driver's environment is as it was after."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from orchestration import driver
+
+    monkeypatch.delenv(driver.POLL_INTERVAL_ENV, raising=False)
+    cfg = load_config("demo", [f"data.url={workspace['data']}", "cluster.poll_interval_s=0.25"])
+    with driver.controller_env(cfg):
+        assert get_env_vars_to_propagate()[driver.POLL_INTERVAL_ENV] == "0.25"
+    assert driver.POLL_INTERVAL_ENV not in os.environ
+    monkeypatch.setenv(driver.POLL_INTERVAL_ENV, "3")
+    with driver.controller_env(cfg):  # the job's setting wins over the shell's
+        assert get_env_vars_to_propagate()[driver.POLL_INTERVAL_ENV] == "0.25"
+    assert os.environ[driver.POLL_INTERVAL_ENV] == "3"
