@@ -46,7 +46,9 @@ from dataloaders.cache import temporary_cache
 from dataloaders.columns import ColumnSpec, empty_rows, to_torch
 from dataloaders.errors import DataError, ManifestError
 from dataloaders.manifest import Manifest, checksum_matches, manifest_url, parse_manifest
-from dataloaders.plan import ReadOptions, RankPlan, _Plan, fetch_units, prefetch_worker  # noqa: F401 (re-exported)
+from dataloaders.plan import (  # noqa: F401 (re-exported)
+    ReadOptions, RankPlan, _Plan, fetch_units, opening_units, prefetch_worker,
+)
 from dataloaders.sampler.order import GlobalOrder
 from dataloaders.shards.index import RecordBatchIndex
 from dataloaders.shards.reader import ShardReader
@@ -160,14 +162,15 @@ class RankBatches(RankPlan):
         bad: set[int] = set()
         next_j = 0
         # The window is topped up in chunks, so that the adjacent record batches of a shard that the new plans
-        # need can be fetched with one GET. The first batch's record batches come one per GET, submitted before
-        # the rest: the stream starts as soon as they are in.
+        # need can be fetched with one GET. The first batch's record batches come about one per GET
+        # (``opening_units``), submitted before the rest: the stream starts as soon as they are in.
         first = True
         while True:
             lookahead = self.own_lookahead if self.running is not None and self.running.value else self.lookahead
             chunk = max(1, lookahead // 4)
             if len(planned) <= lookahead - chunk or not planned:
                 fresh: dict[int, None] = {}  # record batches to fetch, in first-use order
+                opening: list[int] = []
                 for _ in range(lookahead - len(planned)):
                     plan = self._plan(next_j)
                     next_j += 1
@@ -176,8 +179,12 @@ class RankBatches(RankPlan):
                     uses.update(needed)
                     fresh.update(dict.fromkeys(b for b in needed if b not in resident))
                     if first:
-                        self._submit([[b] for b in fresh], resident, reader, pool)
-                        fresh, first = {}, False
+                        opening, fresh, first = list(fresh), {}, False
+                if opening:  # submitted first: the stream starts as soon as they are in
+                    units = opening_units(self.index, opening, set(fresh), reader.max_get_bytes)
+                    for b in (b for unit in units for b in unit):
+                        fresh.pop(b, None)
+                    self._submit(units, resident, reader, pool)
                 self._submit(fetch_units(self.index, list(fresh), reader.max_get_bytes), resident, reader, pool)
             plan = planned.popleft()
             self._now = plan.position

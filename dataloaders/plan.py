@@ -199,6 +199,28 @@ def fetch_units(index: RecordBatchIndex, batches: list[int], max_bytes: int) -> 
     return units
 
 
+def opening_units(index: RecordBatchIndex, batches: list[int], later: set[int], max_bytes: int) -> list[list[int]]:
+    """The GETs of a stream's first batch: each of its record batches (``batches``) on its own, so that it
+    comes soon, except that one is grown to the nearer end of its shard when the record batches on that
+    side are all needed ``later`` and come to at most ``max_bytes // 2``. What is left of that shard is then
+    one run of adjacent batches (one GET, ``fetch_units``) instead of two on either side: one GET fewer
+    per shard, for a first batch that waits for a little more."""
+    units, taken = [], set(batches)
+    for b in batches:
+        first = b - int(index.batch[b])
+        end = first
+        while not index.last[end]:
+            end += 1
+        side = range(first, b) if b - first <= end - b else range(b + 1, end + 1)
+        size = int(sum(int(index.length[i]) for i in side))
+        if side and size <= max_bytes // 2 and all(i in later and i not in taken for i in side):
+            taken.update(side)
+            units.append(sorted([b, *side]))
+        else:
+            units.append([b])
+    return units
+
+
 def prefetch_worker(batches: RankPlan, stop, counters, worker: int, parent: int) -> None:
     batches.prefetch(stop, counters, worker, parent)
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dataloaders import open_dataset
-from dataloaders.dataset import PrefetchStream, ReadOptions, fetch_units
+from dataloaders.dataset import PrefetchStream, ReadOptions, fetch_units, opening_units
 from dataloaders.shards import reader as reader_module
 from tests.dataloaders.conftest import assert_rows_match_ids, write_small
 
@@ -51,6 +51,38 @@ def test_fetch_units_are_runs_of_one_shard_within_the_limit_in_first_use_order(s
                 assert size + index.length[nxt] > limit, (unit, nxt)
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_the_first_batch_gets_leave_the_rest_of_each_shard_in_one_run(seed):
+    rng = np.random.default_rng(seed)
+    per_shard = rng.integers(1, 9, size=rng.integers(2, 9))
+    shard = np.repeat(np.arange(len(per_shard)), per_shard)
+    starts = np.r_[0, np.cumsum(per_shard)[:-1]]
+    last = np.zeros(len(shard), bool)
+    last[np.cumsum(per_shard) - 1] = True
+    index = SimpleNamespace(shard=shard, batch=np.arange(len(shard)) - starts[shard], last=last,
+                            length=rng.integers(1, 100, size=len(shard)))
+    opening = [int(starts[s] + rng.integers(per_shard[s])) for s in rng.permutation(len(per_shard))[:4]]
+    later = set(rng.permutation([b for b in range(len(shard)) if b not in opening])[:len(shard) * 3 // 4].tolist())
+    limit = int(rng.integers(50, 400))
+    units = opening_units(index, opening, later, limit)
+
+    assert len(units) == len(opening) and all(b in u for b, u in zip(opening, units))  # one each, in order
+    for b, unit in zip(opening, units):
+        assert unit == list(range(unit[0], unit[-1] + 1)) and len(set(shard[unit].tolist())) == 1
+        lo, hi = starts[shard[b]], starts[shard[b]] + per_shard[shard[b]] - 1
+        side = [i for i in unit if i != b]
+        near = list(range(lo, b)) if b - lo <= hi - b else list(range(b + 1, hi + 1))
+        if side:  # grown: exactly the nearer side, all needed later, within half a GET
+            assert side == near and set(side) <= later and index.length[side].sum() <= limit // 2
+        else:  # not grown: nothing on the nearer side, or it could not be
+            assert not near or not set(near) <= later or index.length[near].sum() > limit // 2
+        rest = [i for i in range(lo, hi + 1) if i not in unit]
+        if side and rest:
+            assert rest == list(range(rest[0], rest[-1] + 1))  # what is left of the shard: one run, one GET
+    members = [b for unit in units for b in unit]
+    assert len(members) == len(set(members))
+
+
 def test_an_epoch_from_s3_shares_gets_between_adjacent_record_batches(s3_bucket, monkeypatch):
     n, shard_rows, batch_rows = 192, 64, 4  # 3 shards of 16 record batches
     url = write_small(f"{s3_bucket}/ds", n=n, shard_rows=shard_rows, batch_rows=batch_rows)
@@ -68,7 +100,7 @@ def test_an_epoch_from_s3_shares_gets_between_adjacent_record_batches(s3_bucket,
     single, io_single = epoch(1)
     # (the lookahead may also have begun fetching the next epoch's first record batches)
     assert io_single["get_requests"] >= record_batches  # one GET per record batch without coalescing
-    # the first batch's record batches come one per GET, the rest share GETs
+    # the first batch's record batches come about one per GET, the rest share GETs
     assert io["get_requests"] < 0.6 * record_batches, dict(io)
     for a, b in zip(coalesced, single):
         assert torch.equal(a["sample_id"], b["sample_id"])
