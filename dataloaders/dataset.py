@@ -146,6 +146,8 @@ class RankBatches(RankPlan):
         out.__dict__.update(self.__dict__)
         return out
 
+    windows = 0  # how many times the rank's process has planned ahead: its first window, then each top-up
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         reader = self._reader()
         pool = ThreadPoolExecutor(self.read.fetch_threads, thread_name_prefix="batch-fetch")
@@ -186,6 +188,7 @@ class RankBatches(RankPlan):
                         fresh.pop(b, None)
                     self._submit(units, resident, reader, pool)
                 self._submit(fetch_units(self.index, list(fresh), reader.max_get_bytes), resident, reader, pool)
+                self.windows += 1
             plan = planned.popleft()
             self._now = plan.position
             if self.progress is not None:
@@ -243,9 +246,11 @@ class PrefetchStream:
     The workers fetch the record batches of the next batches into the node cache (a temporary one for this
     stream when ``data.cache_dir`` is not set), the rank's process maps them from there and builds each
     batch as with ``num_workers=0``: no batch crosses a process boundary, and the sequence cannot depend on
-    the workers. They start once the rank's process has built its first batch, so that their start (process,
-    imports, S3 client: a CPU-second or more) does not delay it; until they run, the rank's process fetches
-    its first batches' record batches itself, later only what the workers have not got to.
+    the workers. They start once the rank's process plans past its first window (the batches of a shuffle
+    block, whose fetches it queued when it planned its first batch): they have nothing to take before that,
+    and their start (a process each, imports, an S3 client: a CPU-second or more) would compete with its
+    fetches and its first batch. Until they run, the rank's process fetches the record batches itself, later
+    only those of its next ``data.prefetch`` batches that the workers have not got to.
     """
 
     def __init__(self, batches: RankBatches, num_workers: int, preload: list[str] = ()):
@@ -264,6 +269,7 @@ class PrefetchStream:
         self._procs = [context.Process(target=prefetch_worker, name=f"loader-prefetch-{w}", daemon=True,
                                        args=(plan, self._stop, self._counters, w, os.getpid()))
                        for w in range(num_workers)]
+        self._batches = batches
         self._local: Iterator | None = iter(batches)
         self._starter: threading.Thread | None = None  # started after the first batch
 
@@ -287,13 +293,19 @@ class PrefetchStream:
         return self
 
     @property
+    def workers_started(self) -> bool:
+        """Whether the worker processes have been asked to start (once the rank's process planned past its
+        first window)."""
+        return self._starter is not None
+
+    @property
     def workers_running(self) -> bool:
         """Whether a worker has started fetching ahead (from then on the rank's process fetches little)."""
         return bool(self._running.value)
 
     def __next__(self) -> dict[str, Any]:
         batch = next(self._local)
-        if self._starter is None:
+        if self._starter is None and self._batches.windows > 1:
             self._starter = threading.Thread(target=self._start, name="loader-prefetch-start", daemon=True)
             self._starter.start()
         io = Counter(batch["_io"])

@@ -127,11 +127,15 @@ def test_workers_fetch_ahead_into_the_cache_and_the_rank_process_reads_it(s3_buc
     assert isinstance(source, PrefetchStream)
     temporary = source._temp
     assert (temporary is None) == (cache == "node")
+    first_window = with_workers._lookahead()  # the workers start once the rank plans past it
+    while not source.workers_started:
+        assert len(batches) <= first_window, "the workers did not start after the rank's first window"
+        batches.append(next(stream))
     deadline = time.monotonic() + 120
     while not source.workers_running:  # a worker process has started
         assert time.monotonic() < deadline, "no prefetch worker started in 120 s"
         time.sleep(0.02)
-    batches += list(itertools.islice(stream, 19))
+    batches += list(itertools.islice(stream, 20 - len(batches)))
     with_workers.close()
     assert [b["sample_id"].tolist() for b in batches] == [b["sample_id"].tolist() for b in alone]
     for batch in batches:
