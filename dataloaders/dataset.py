@@ -271,7 +271,7 @@ class PrefetchStream:
                        for w in range(num_workers)]
         self._batches = batches
         self._local: Iterator | None = iter(batches)
-        self._starter: threading.Thread | None = None  # started after the first batch
+        self._starter: threading.Thread | None = None  # started once the rank plans past its first window
 
     @staticmethod
     def _budget(batches: RankBatches) -> int:
