@@ -27,6 +27,7 @@ import secrets
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -47,6 +48,7 @@ class BatchCache:
         # record batch ids -> distance to their next use (inf: not needed by this node); None: oldest first
         self.next_use: Callable[[np.ndarray], np.ndarray] | None = None
         self._estimate: int | None = None  # bytes in the cache as this process last counted, plus its own puts
+        self._budget_lock = threading.Lock()
         self.opened = time.time()  # entries modified since were written (verified) by live processes
 
 
@@ -138,9 +140,10 @@ class BatchCache:
         finally:
             self.release(batch)
         if self.max_bytes:
-            self._estimate = None if self._estimate is None else self._estimate + len(data)
-            if self._estimate is None or self._estimate > self.max_bytes:
-                self.evict(keep=batch)
+            with self._budget_lock:  # this process's threads put concurrently
+                self._estimate = None if self._estimate is None else self._estimate + len(data)
+                if self._estimate is None or self._estimate > self.max_bytes:
+                    self.evict(keep=batch)
 
     def release(self, batch: int) -> None:
         self._claim_path(batch).unlink(missing_ok=True)

@@ -151,11 +151,14 @@ class RankBatches(RankPlan):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         reader = self._reader()
         pool = ThreadPoolExecutor(self.read.fetch_threads, thread_name_prefix="batch-fetch")
+        # writes the first batch's record batches into the node cache once that batch has them
+        self._publisher = ThreadPoolExecutor(1, thread_name_prefix="batch-publish")
         try:
             yield from self._batches(reader, pool)
         finally:
             reader.close()  # reads in flight stop retrying
             pool.shutdown(wait=False, cancel_futures=True)
+            self._publisher.shutdown(wait=True)  # nothing claimed is left unpublished
 
     def _batches(self, reader: ShardReader, pool: ThreadPoolExecutor):
         resident: dict[int, Future] = {}  # record batch -> the fetch of its unit (adjacent batches of a shard)
@@ -182,11 +185,11 @@ class RankBatches(RankPlan):
                     fresh.update(dict.fromkeys(b for b in needed if b not in resident))
                     if first:
                         opening, fresh, first = list(fresh), {}, False
-                if opening:  # submitted first: the stream starts as soon as they are in
+                if opening:  # submitted first, and written to the cache after: the stream starts once they are in
                     units = opening_units(self.index, opening, set(fresh), reader.max_get_bytes)
                     for b in (b for unit in units for b in unit):
                         fresh.pop(b, None)
-                    self._submit(units, resident, reader, pool)
+                    self._submit(units, resident, reader, pool, self._publisher)
                 self._submit(fetch_units(self.index, list(fresh), reader.max_get_bytes), resident, reader, pool)
                 self.windows += 1
             plan = planned.popleft()
@@ -202,9 +205,9 @@ class RankBatches(RankPlan):
 
     @staticmethod
     def _submit(units: list[list[int]], resident: dict[int, Future], reader: ShardReader,
-                pool: ThreadPoolExecutor) -> None:
+                pool: ThreadPoolExecutor, publish_with: ThreadPoolExecutor | None = None) -> None:
         for unit in units:
-            future = pool.submit(reader.read_batches, unit)
+            future = pool.submit(reader.read_batches, unit, publish_with)
             resident.update(dict.fromkeys(unit, future))
 
     def _assemble(self, plan: _Plan, resident: dict[int, Future], bad: set[int], reader: ShardReader) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import logging
 import threading
 import zlib
 from collections import Counter
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -82,9 +83,12 @@ class ShardReader:
         return out
 
     # ------------------------------------------------------------------------------------ record batches
-    def read_batches(self, ids: Sequence[int]) -> dict[int, DecodedBatch | DataError]:
+    def read_batches(self, ids: Sequence[int], publish_with: Executor | None = None
+                     ) -> dict[int, DecodedBatch | DataError]:
         """Fetch, verify and decode record batches (ids into the index), through the node cache if any.
-        A batch that stays corrupt maps to its error; storage failures raise."""
+        A batch that stays corrupt maps to its error; storage failures raise. With ``publish_with``, what
+        this call fetched is put in the cache by a task of that executor, its claims held until then: the
+        caller has the batches without waiting for the writes (a stream's first batch)."""
         found: dict[int, bytes | pa.Buffer | DataError] = {}
         missing = []
         for i in ids:
@@ -99,7 +103,7 @@ class ShardReader:
                 missing.append(i)
         mine = [i for i in missing if self.cache.claim(i)] if self.cache else missing
         theirs = [i for i in missing if i not in set(mine)]
-        found.update(self._fetch_claimed(mine))
+        found.update(self._fetch_claimed(mine, publish_with))
         for i in theirs:
             data = self.cache.wait(i)
             if data is not None and self._cached_ok(i, data):
@@ -117,20 +121,30 @@ class ShardReader:
         that needs it fetches it and reports it. Storage failures raise, claims released."""
         self._fetch_claimed([i for i in ids if not self.cache.has(i) and self.cache.claim(i)])
 
-    def _fetch_claimed(self, ids: list[int]) -> dict[int, bytes | pa.Buffer | DataError]:
-        """Fetch and verify ``ids`` (claimed in the cache, if any): the good ones are put in the cache, every
-        other claim is released, also when the fetch raises."""
-        found: dict[int, bytes | pa.Buffer | DataError] = {}
+    def _fetch_claimed(self, ids: list[int], publish_with: Executor | None = None
+                       ) -> dict[int, bytes | pa.Buffer | DataError]:
+        """Fetch and verify ``ids`` (claimed in the cache, if any): the good ones are put in the cache (by a
+        task of ``publish_with``, if given), every other claim is released, also when the fetch raises."""
         try:
             found = self._fetch_verified(ids)
-        finally:
-            if self.cache is not None:
-                for i in ids:
-                    if isinstance(found.get(i), DataError) or i not in found:
-                        self.cache.release(i)
-                    else:
-                        self.cache.put(i, found[i])
+        except BaseException:
+            self._publish(ids, {})
+            raise
+        if publish_with is not None and self.cache is not None:
+            publish_with.submit(self._publish, ids, found)
+        else:
+            self._publish(ids, found)
         return found
+
+    def _publish(self, ids: list[int], found: dict[int, bytes | pa.Buffer | DataError]) -> None:
+        """Put the good ones of ``ids`` in the cache and release the claims of the others."""
+        if self.cache is None:
+            return
+        for i in ids:
+            if isinstance(found.get(i), DataError) or i not in found:
+                self.cache.release(i)
+            else:
+                self.cache.put(i, found[i])
 
     def _fetch_verified(self, ids: list[int]) -> dict[int, bytes | pa.Buffer | DataError]:
         out: dict[int, bytes | pa.Buffer | DataError] = {}

@@ -152,6 +152,7 @@ def test_local_cache_serves_shards_and_stays_in_budget(tmp_path, small_local):
 
 def test_cache_eviction_keeps_the_byte_budget(tmp_path, small_local):
     cache, budget = tmp_path / "cache", 12000  # room for three of the ~3.5 kB record batches
-    read_epoch(small_local, cache_dir=str(cache), cache_bytes=budget)
+    _, loader = read_epoch(small_local, cache_dir=str(cache), cache_bytes=budget)
+    loader.close()  # the first batch's record batches are written to the cache after it is built
     sizes = [p.stat().st_size for d in cache.iterdir() for p in d.iterdir()]
     assert 0 < sum(sizes) <= budget and len(sizes) <= 3  # 10 record batches were read

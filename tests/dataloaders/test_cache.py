@@ -201,3 +201,21 @@ def test_a_temporary_cache_whose_process_died_is_removed_by_the_next_one(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["flowscale-loader-alive", "flowscale-loader-elsewhere", "flowscale-loader-starting", new.name])
     assert new.parent == tmp_path and (new / "owner").read_text() == f"{host} {os.getpid()}"
+
+
+def test_the_first_batch_is_claimed_until_written_and_written_by_close(batched, tmp_path):
+    """The first batch's record batches are published by a writer thread, so that the batch does not wait for
+    the writes; until an entry is written its claim stays, so no other process fetches it meanwhile."""
+    ds = open_dataset(batched)
+    cache_dir = tmp_path / "node"
+    loader = ds.loader(rank=0, world_size=1, global_batch_size=len(ds), seed=0, shuffle_block_size=len(ds),
+                       read=ReadOptions(cache_dir=str(cache_dir)))
+    batch = next(iter(loader))
+    cache = BatchCache(str(cache_dir), ds.manifest.fingerprint)
+    record_batches = len(ds.record_batches())
+    for i in range(record_batches):  # each published, or claimed by this process while being written
+        assert cache.has(i) or cache._claim_path(i).exists(), i
+    loader.close()  # waits for the writer
+    assert sorted(cache.entries()) == list(range(record_batches))
+    assert not list(cache.dir.glob(".claim-*")) and not list(cache.dir.glob(".tmp-*"))
+    assert sorted(batch["sample_id"].tolist()) == list(range(len(ds)))
