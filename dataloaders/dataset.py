@@ -152,15 +152,15 @@ class RankBatches(RankPlan):
         reader = self._reader()
         pool = ThreadPoolExecutor(self.read.fetch_threads, thread_name_prefix="batch-fetch")
         # writes the first batch's record batches into the node cache once that batch has them
-        self._publisher = ThreadPoolExecutor(1, thread_name_prefix="batch-publish")
+        publisher = ThreadPoolExecutor(1, thread_name_prefix="batch-publish")
         try:
-            yield from self._batches(reader, pool)
+            yield from self._batches(reader, pool, publisher)
         finally:
             reader.close()  # reads in flight stop retrying
             pool.shutdown(wait=False, cancel_futures=True)
-            self._publisher.shutdown(wait=True)  # nothing claimed is left unpublished
+            publisher.shutdown(wait=True)  # nothing claimed is left unpublished
 
-    def _batches(self, reader: ShardReader, pool: ThreadPoolExecutor):
+    def _batches(self, reader: ShardReader, pool: ThreadPoolExecutor, publisher: ThreadPoolExecutor):
         resident: dict[int, Future] = {}  # record batch -> the fetch of its unit (adjacent batches of a shard)
         uses: Counter = Counter()  # record batch -> planned batches that still need it
         planned: deque[_Plan] = deque()
@@ -189,7 +189,7 @@ class RankBatches(RankPlan):
                     units = opening_units(self.index, opening, set(fresh), reader.max_get_bytes)
                     for b in (b for unit in units for b in unit):
                         fresh.pop(b, None)
-                    self._submit(units, resident, reader, pool, self._publisher)
+                    self._submit(units, resident, reader, pool, publisher)
                 self._submit(fetch_units(self.index, list(fresh), reader.max_get_bytes), resident, reader, pool)
                 self.windows += 1
             plan = planned.popleft()

@@ -212,7 +212,7 @@ def opening_units(index: RecordBatchIndex, batches: list[int], later: set[int], 
         while not index.last[end]:
             end += 1
         side = range(first, b) if b - first <= end - b else range(b + 1, end + 1)
-        size = int(sum(int(index.length[i]) for i in side))
+        size = sum(int(index.length[i]) for i in side)
         if side and size <= max_bytes // 2 and all(i in later and i not in taken for i in side):
             taken.update(side)
             units.append(sorted([b, *side]))

@@ -131,9 +131,12 @@ class ShardReader:
             self._publish(ids, {})
             raise
         if publish_with is not None and self.cache is not None:
-            publish_with.submit(self._publish, ids, found)
-        else:
-            self._publish(ids, found)
+            try:
+                publish_with.submit(self._publish, ids, found)
+                return found
+            except RuntimeError:  # its executor is shut down (the stream closed meanwhile): publish here
+                pass
+        self._publish(ids, found)
         return found
 
     def _publish(self, ids: list[int], found: dict[int, bytes | pa.Buffer | DataError]) -> None:

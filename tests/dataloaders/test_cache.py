@@ -219,3 +219,18 @@ def test_the_first_batch_is_claimed_until_written_and_written_by_close(batched, 
     assert sorted(cache.entries()) == list(range(record_batches))
     assert not list(cache.dir.glob(".claim-*")) and not list(cache.dir.glob(".tmp-*"))
     assert sorted(batch["sample_id"].tolist()) == list(range(len(ds)))
+
+
+def test_a_fetch_that_ends_after_its_stream_closed_still_publishes_and_releases(batched, tmp_path):
+    """A fetch in flight when the stream closes finds its writer shut down: it writes the entries itself, so
+    no claim outlives it (other ranks would wait on it for stale_after_s)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ds = open_dataset(batched)
+    cache = BatchCache(str(tmp_path / "node"), ds.manifest.fingerprint)
+    reader = ShardReader(ds.manifest, ds.record_batches(), cache=cache)
+    closed = ThreadPoolExecutor(1)
+    closed.shutdown()
+    out = reader.read_batches([0, 1], publish_with=closed)
+    assert sorted(out) == [0, 1] and sorted(cache.entries()) == [0, 1]
+    assert not list(cache.dir.glob(".claim-*"))
