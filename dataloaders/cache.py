@@ -29,6 +29,8 @@ import socket
 import tempfile
 import threading
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -127,16 +129,20 @@ class BatchCache:
             delay = min(0.05, delay * 2)
         return None
 
-    def put(self, batch: int, data: bytes | pa.Buffer) -> None:
-        """Publish a verified record batch (by rename) and drop this process's claim on it."""
+    def put(self, batch: int, data: bytes | pa.Buffer | Staged) -> None:
+        """Publish a verified record batch (by rename; a staged one is renamed from where it was written) and
+        drop this process's claim on it."""
         try:
             if self.max_bytes and len(data) > self.max_bytes:
+                self.unstage(data)
                 return  # larger than the whole budget: never cached
             path = self._path(batch)
-            tmp = path.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{path.name}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            if isinstance(data, Staged):
+                os.replace(data.path, path)
+            else:
+                tmp = self._temporary(batch)
+                write_in_pieces(tmp, data)
+                os.replace(tmp, path)
         finally:
             self.release(batch)
         if self.max_bytes:
@@ -144,6 +150,21 @@ class BatchCache:
                 self._estimate = None if self._estimate is None else self._estimate + len(data)
                 if self._estimate is None or self._estimate > self.max_bytes:
                     self.evict(keep=batch)
+
+    def _temporary(self, batch: int) -> Path:
+        """A fresh name for an entry being written: hidden, and unique to this process and call."""
+        return self.dir / f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{self._path(batch).name}"
+
+    def stager(self, pieces: list[tuple[int, int, int]]) -> StagingSink:
+        """A sink for one ranged GET (``storage.stream_range``) covering the record batches ``pieces``:
+        (batch, its offset in the range, its length), in offset order."""
+        return StagingSink(self, pieces)
+
+    @staticmethod
+    def unstage(data: object) -> None:
+        """Remove a staged entry that will not be published (a no-op for anything else)."""
+        if isinstance(data, Staged):
+            data.path.unlink(missing_ok=True)
 
     def release(self, batch: int) -> None:
         self._claim_path(batch).unlink(missing_ok=True)
@@ -181,6 +202,104 @@ class BatchCache:
 
     def size_bytes(self) -> int:
         return sum(self.entries().values())
+
+
+@dataclass(eq=False)
+class Staged:
+    """A fetched record batch written to a temporary file of the cache as its bytes arrived: ``buffer`` maps
+    it, ``crc32`` was computed on the way. ``BatchCache.put`` publishes it by rename, ``unstage`` drops it."""
+
+    path: Path
+    buffer: pa.Buffer
+    crc32: int
+
+    def __len__(self) -> int:
+        return len(self.buffer)
+
+
+class StagingSink:
+    """Writes the record batches one ranged GET covers to temporary files of the cache as the bytes arrive,
+    so that no buffer of the whole range is built (the GET's body goes from the socket to the page cache in
+    pieces); bytes outside the batches (a shard's footer) are dropped. ``finish`` maps what was written."""
+
+    def __init__(self, cache: BatchCache, pieces: list[tuple[int, int, int]]):
+        self.cache = cache
+        self.pieces = pieces  # (batch, offset in the range, length), in offset order
+        self.written: list[tuple[Path, int, int]] = []  # per piece begun: its file, bytes and running CRC32
+        self.pos = 0  # bytes of the range received
+        self.fd = -1  # the file of the piece being written (the last of ``written``)
+
+    def begin(self) -> None:
+        self.discard()
+        self.written, self.pos = [], 0
+
+    def write(self, piece: bytes) -> None:
+        view, lo = memoryview(piece), self.pos
+        hi = self.pos = lo + len(view)
+        while len(self.written) < len(self.pieces) or self.fd >= 0:
+            if self.fd < 0:  # the next batch's first byte: is it in this piece?
+                batch, offset, length = self.pieces[len(self.written)]
+                if offset >= hi:
+                    return
+                path = self.cache._temporary(batch)
+                self.fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                self.written.append((path, 0, 0))
+            batch, offset, length = self.pieces[len(self.written) - 1]
+            path, done, crc = self.written[-1]
+            part = view[max(offset + done, lo) - lo:min(offset + length, hi) - lo]
+            n = 0
+            while n < len(part):
+                n += os.write(self.fd, part[n:])
+            self.written[-1] = (path, done + n, zlib.crc32(part, crc))
+            if done + n < length:
+                return  # the rest of this batch comes in later pieces
+            os.close(self.fd)
+            self.fd = -1
+
+    def finish(self) -> dict[int, Staged]:
+        """Each batch's staged entry (shorter than its length if the object ended early)."""
+        self._close()
+        out = {}
+        for k, (batch, _, _) in enumerate(self.pieces):
+            if k < len(self.written):
+                path, done, crc = self.written[k]
+                buffer = pa.memory_map(str(path), "r").read_buffer() if done else pa.py_buffer(b"")
+            else:  # nothing of it arrived
+                path, crc, buffer = self.cache._temporary(batch), 0, pa.py_buffer(b"")
+            out[batch] = Staged(path, buffer, crc)
+        return out
+
+    def discard(self) -> None:
+        """Remove every file written so far (a failed attempt, or one that is abandoned)."""
+        self._close()
+        for path, _, _ in self.written:
+            path.unlink(missing_ok=True)
+
+    def _close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+WRITE_PIECE = 256 << 10
+
+
+def write_in_pieces(path: Path, data: bytes | pa.Buffer) -> None:
+    """Write ``data`` to a new file ``path`` in writes of ``WRITE_PIECE`` bytes. A single write of several MiB
+    lets the kernel fill the page cache with large folios; on a VM whose freed memory goes back to the host
+    (virtio-balloon free page reporting) those come from host-released blocks, and one entry's write then
+    costs about three times the system time (docs/PERFORMANCE.md)."""
+    view = memoryview(data)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    try:
+        done = 0
+        while done < len(view):
+            done += os.write(fd, view[done:done + WRITE_PIECE])
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)  # a full disk leaves no half-written temporary behind
+        raise
+    os.close(fd)
 
 
 def owner_gone(owner: list[str]) -> bool:

@@ -14,9 +14,10 @@ import os
 import random
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 import fsspec
+import fsspec.asyn
 import pyarrow as pa
 from fsspec.core import url_to_fs
 
@@ -140,10 +141,69 @@ def read_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int, u
         try:
             return fs.cat_file(path, start=start, end=end)
         except OSError as e:  # 416: the object ends before `start`
-            if "range is not satisfiable" in str(e).lower() or "InvalidRange" in str(e):
+            if _unsatisfiable(e):
                 return b""
             raise
     return with_retries(ranged, url, retries, cancel=cancel)
+
+
+class RangeSink(Protocol):
+    """Where ``stream_range`` delivers an object's bytes, in order, as they arrive."""
+
+    def begin(self) -> None:
+        """An attempt starts: forget whatever an earlier, failed one delivered."""
+
+    def write(self, piece: bytes) -> None:
+        """The next bytes of the range (called on the filesystem's event-loop thread: keep it short)."""
+
+
+STREAM_PIECE = 256 << 10  # bytes handed to a sink at a time, at most
+
+
+def can_stream(fs: fsspec.AbstractFileSystem) -> bool:
+    """Whether ``stream_range`` streams for ``fs`` (s3fs) rather than reading the range whole."""
+    return callable(getattr(fs, "_call_s3", None)) and getattr(fs, "loop", None) is not None
+
+
+def stream_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int, url: str, retries: int,
+                 sink: RangeSink, cancel: threading.Event | None = None) -> int:
+    """Bytes [start, end) of an object, one ranged GET, handed to ``sink`` as they arrive (fewer if the
+    object is shorter); the number of bytes delivered. No buffer of the whole range is built: the caller
+    writes each piece where it belongs. A failed attempt is retried from the range's start, after
+    ``sink.begin()``. Filesystems other than s3fs read the range whole and hand it over as one piece."""
+    if not can_stream(fs):
+        data = read_range(fs, path, start, end, url, retries, cancel)
+        sink.begin()
+        sink.write(data)
+        return len(data)
+    bucket, key, version = fs.split_path(path)
+    version_kw = {"VersionId": version} if version else {}
+
+    async def get() -> int:
+        try:
+            response = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                                         **version_kw)
+        except OSError as e:
+            if _unsatisfiable(e):
+                sink.begin()
+                return 0
+            raise
+        body, delivered = response["Body"], 0
+        try:
+            sink.begin()
+            while piece := await body.read(STREAM_PIECE):
+                sink.write(piece)
+                delivered += len(piece)
+        finally:
+            body.close()
+        return delivered
+
+    return with_retries(lambda: fsspec.asyn.sync(fs.loop, get), url, retries, cancel=cancel)
+
+
+def _unsatisfiable(err: OSError) -> bool:
+    """A ranged read that starts past the object's end (HTTP 416)."""
+    return "range is not satisfiable" in str(err).lower() or "InvalidRange" in str(err)
 
 
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ import pyarrow as pa
 from fsspec.utils import merge_offset_ranges
 
 from dataloaders import storage
-from dataloaders.cache import BatchCache
+from dataloaders.cache import BatchCache, Staged
 from dataloaders.columns import ColumnSpec, column_numpy, schema_of
 from dataloaders.errors import CorruptShardError, DataError, SchemaMismatchError
 from dataloaders.manifest import Manifest, ShardInfo, checksum_matches
@@ -89,7 +89,7 @@ class ShardReader:
         A batch that stays corrupt maps to its error; storage failures raise. With ``publish_with``, what
         this call fetched is put in the cache by a task of that executor, its claims held until then: the
         caller has the batches without waiting for the writes (a stream's first batch)."""
-        found: dict[int, bytes | pa.Buffer | DataError] = {}
+        found: dict[int, bytes | pa.Buffer | Staged | DataError] = {}
         missing = []
         for i in ids:
             data = self.cache.get(i) if self.cache else None
@@ -122,7 +122,7 @@ class ShardReader:
         self._fetch_claimed([i for i in ids if not self.cache.has(i) and self.cache.claim(i)])
 
     def _fetch_claimed(self, ids: list[int], publish_with: Executor | None = None
-                       ) -> dict[int, bytes | pa.Buffer | DataError]:
+                       ) -> dict[int, bytes | pa.Buffer | Staged | DataError]:
         """Fetch and verify ``ids`` (claimed in the cache, if any): the good ones are put in the cache (by a
         task of ``publish_with``, if given), every other claim is released, also when the fetch raises."""
         try:
@@ -139,7 +139,7 @@ class ShardReader:
         self._publish(ids, found)
         return found
 
-    def _publish(self, ids: list[int], found: dict[int, bytes | pa.Buffer | DataError]) -> None:
+    def _publish(self, ids: list[int], found: dict[int, bytes | pa.Buffer | Staged | DataError]) -> None:
         """Put the good ones of ``ids`` in the cache and release the claims of the others."""
         if self.cache is None:
             return
@@ -149,20 +149,28 @@ class ShardReader:
             else:
                 self.cache.put(i, found[i])
 
-    def _fetch_verified(self, ids: list[int]) -> dict[int, bytes | pa.Buffer | DataError]:
-        out: dict[int, bytes | pa.Buffer | DataError] = {}
+    def _fetch_verified(self, ids: list[int]) -> dict[int, bytes | pa.Buffer | Staged | DataError]:
+        out: dict[int, bytes | pa.Buffer | Staged | DataError] = {}
         first = self._fetch(ids)
-        for i in ids:
-            data, short = first[i]
-            problem = self._problem(i, data, short)
-            if problem is not None:
-                log.warning("%s: %s; fetching it again", self._where(i), problem)
-                data, short = self._fetch([i])[i]
+        try:
+            for i in ids:
+                data, short = first.pop(i)
                 problem = self._problem(i, data, short)
-            out[i] = data if problem is None else self._diagnose(i, problem)
+                if problem is not None:
+                    log.warning("%s: %s; fetching it again", self._where(i), problem)
+                    BatchCache.unstage(data)
+                    data, short = self._fetch([i])[i]
+                    problem = self._problem(i, data, short)
+                    if problem is not None:
+                        BatchCache.unstage(data)
+                out[i] = data if problem is None else self._diagnose(i, problem)
+        except BaseException:  # nothing staged is left behind
+            for data in (*(d for d, _ in first.values()), *out.values()):
+                BatchCache.unstage(data)
+            raise
         return out
 
-    def _fetch(self, ids: list[int]) -> dict[int, tuple[bytes | pa.Buffer, bool]]:
+    def _fetch(self, ids: list[int]) -> dict[int, tuple[bytes | pa.Buffer | Staged, bool]]:
         """Each batch's bytes from storage, and whether its shard's object ended early."""
         ix = self.index
         if not ids:
@@ -182,18 +190,34 @@ class ShardReader:
         # The last batch of a shard is read to the object's end, so that a truncated object shows.
         ends = [self.manifest.shards[int(ix.shard[i])].bytes if ix.last[i] else int(ix.offset[i] + ix.length[i])
                 for i in ids]
-        out = {}
+        out: dict[int, tuple[pa.Buffer | Staged, bool]] = {}
         merged = merge_offset_ranges(paths, starts, ends, max_gap=0, max_block=self.max_get_bytes)
-        for path, start, end in zip(*merged):
-            blob = storage.read_range(self.fs, storage.join(self.root, path), start, end,
-                                      storage.join(self.manifest.root, path), self.retries, self.closed)
-            self._count(bytes_fetched=len(blob), get_requests=1)
-            buffer = blob if isinstance(blob, pa.Buffer) else pa.py_buffer(blob)
-            for i, p, s in zip(ids, paths, starts):
-                if p == path and start <= s < end:
-                    length = int(ix.length[i])
-                    piece = buffer[s - start:s - start + length]
-                    out[i] = (piece, bool(ix.last[i]) and len(blob) < end - start)
+        # With a node cache on an object store, each GET's body is written to the cache's files as it
+        # arrives and mapped from there: no buffer of the whole range (up to ``max_get_bytes``) is built.
+        stage = self.cache is not None and storage.can_stream(self.fs)
+        try:
+            for path, start, end in zip(*merged):
+                members = [(i, s) for i, p, s in zip(ids, paths, starts) if p == path and start <= s < end]
+                where = (self.fs, storage.join(self.root, path), start, end, storage.join(self.manifest.root, path))
+                if stage:
+                    sink = self.cache.stager([(i, s - start, int(ix.length[i])) for i, s in members])
+                    try:
+                        got = storage.stream_range(*where, self.retries, sink, self.closed)
+                    except BaseException:
+                        sink.discard()
+                        raise
+                    pieces = sink.finish()
+                else:
+                    blob = storage.read_range(*where, self.retries, self.closed)
+                    got, buffer = len(blob), blob if isinstance(blob, pa.Buffer) else pa.py_buffer(blob)
+                    pieces = {i: buffer[s - start:s - start + int(ix.length[i])] for i, s in members}
+                self._count(bytes_fetched=got, get_requests=1)
+                for i, _ in members:
+                    out[i] = (pieces[i], bool(ix.last[i]) and got < end - start)
+        except BaseException:
+            for data, _ in out.values():
+                BatchCache.unstage(data)
+            raise
         return out
 
     def _cached_ok(self, i: int, data: pa.Buffer) -> bool:
@@ -212,7 +236,7 @@ class ShardReader:
             return f"shard {self.url_of(info)}"
         return f"shard {self.url_of(info)} record batch {int(self.index.batch[i])}"
 
-    def _problem(self, i: int, data: bytes | pa.Buffer, short: bool) -> str | None:
+    def _problem(self, i: int, data: bytes | pa.Buffer | Staged, short: bool) -> str | None:
         ix = self.index
         info = self.manifest.shards[int(ix.shard[i])]
         if ix.whole_shards:
@@ -224,7 +248,7 @@ class ShardReader:
         if len(data) != ix.length[i] or short:
             return (f"record batch {int(ix.batch[i])} ({len(data)} of its {int(ix.length[i])} bytes; the object is "
                     f"shorter than the manifest's {info.bytes}): truncated or replaced")
-        if self.verify and zlib.crc32(data) != ix.crc32[i]:
+        if self.verify and (data.crc32 if isinstance(data, Staged) else zlib.crc32(data)) != ix.crc32[i]:
             return (f"checksum differs from the index's crc32:{int(ix.crc32[i]):08x} in record batch "
                     f"{int(ix.batch[i])} (bit rot or a replaced object)")
         return None
@@ -247,11 +271,11 @@ class ShardReader:
         return CorruptShardError(f"shard {url} is corrupt: {problem}; rewrite the dataset or set "
                                  f"data.on_corrupt=skip to skip its {rows} samples")
 
-    def _decode(self, i: int, data: bytes | pa.Buffer) -> DecodedBatch | DataError:
+    def _decode(self, i: int, data: bytes | pa.Buffer | Staged) -> DecodedBatch | DataError:
         ix = self.index
         info = self.manifest.shards[int(ix.shard[i])]
         url = self.url_of(info)
-        buffer = pa.py_buffer(data) if isinstance(data, bytes) else data
+        buffer = pa.py_buffer(data) if isinstance(data, bytes) else data.buffer if isinstance(data, Staged) else data
         try:
             if ix.whole_shards:
                 return decode(buffer, info, self.manifest.columns, url)

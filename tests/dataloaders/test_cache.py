@@ -18,6 +18,7 @@ import pytest
 from dataloaders import open_dataset
 from dataloaders.cache import BatchCache, temporary_cache
 from dataloaders.dataset import ReadOptions
+from dataloaders.errors import StorageAccessError
 from dataloaders.sampler.order import GlobalOrder
 from dataloaders.shards.reader import ShardReader
 from tests.dataloaders.conftest import write_small
@@ -234,3 +235,106 @@ def test_a_fetch_that_ends_after_its_stream_closed_still_publishes_and_releases(
     out = reader.read_batches([0, 1], publish_with=closed)
     assert sorted(out) == [0, 1] and sorted(cache.entries()) == [0, 1]
     assert not list(cache.dir.glob(".claim-*"))
+
+
+def test_a_streamed_range_is_staged_batch_by_batch_whatever_the_pieces(tmp_path):
+    """Record batches written to the cache as a GET's body arrives: each file holds exactly its batch's bytes,
+    its CRC32 computed on the way, the bytes after the last batch (a shard's footer) dropped, whatever the
+    sizes of the pieces the socket delivers; a new attempt starts clean."""
+    rng = np.random.default_rng()
+    cache = BatchCache(str(tmp_path), "f" * 16)
+    lengths = rng.integers(1, 5000, size=5)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    body = rng.integers(0, 256, size=int(lengths.sum()) + 300, dtype=np.uint8).tobytes()  # + a footer
+    sink = cache.stager([(10 + k, int(o), int(n)) for k, (o, n) in enumerate(zip(offsets, lengths))])
+    sink.begin()
+    sink.write(body[:7000])  # a failed attempt: its files are removed by the next begin()
+    sink.begin()
+    cuts = np.sort(rng.choice(np.arange(1, len(body)), size=20, replace=False))
+    for piece in np.split(np.frombuffer(body, np.uint8), cuts):
+        sink.write(piece.tobytes())
+    staged = sink.finish()
+    assert sorted(staged) == [10, 11, 12, 13, 14]
+    assert len(list(tmp_path.rglob(".tmp-*"))) == 5
+    for k, (o, n) in enumerate(zip(offsets, lengths)):
+        want = body[o:o + n]
+        assert staged[10 + k].buffer.to_pybytes() == want
+        assert staged[10 + k].crc32 == zlib.crc32(want)
+    cache.put(12, staged[12])  # published by rename
+    assert cache.get(12).to_pybytes() == body[offsets[2]:offsets[2] + lengths[2]]
+    sink.discard()
+    assert not list(tmp_path.rglob(".tmp-*"))
+
+
+def test_an_object_that_ends_early_leaves_its_batches_short(tmp_path):
+    cache = BatchCache(str(tmp_path), "f" * 16)
+    sink = cache.stager([(0, 0, 100), (1, 100, 100), (2, 200, 100)])
+    sink.begin()
+    sink.write(b"a" * 150)  # the object ends inside batch 1
+    staged = sink.finish()
+    assert [len(staged[i]) for i in range(3)] == [100, 50, 0]
+
+
+def test_a_get_that_fails_mid_body_is_retried_from_its_start(s3_bucket):
+    """A body cut short (here: its sink raising on the first attempt's second piece) is fetched again
+    whole, the sink told to start over."""
+    import s3fs
+
+    from dataloaders import storage
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    data = np.random.default_rng().integers(0, 256, size=3 * storage.STREAM_PIECE + 123, dtype=np.uint8).tobytes()
+    path = f"{s3_bucket.removeprefix('s3://')}/object"
+    fs.pipe_file(path, data)
+
+    class Flaky:
+        attempts, received = 0, b""
+
+        def begin(self):
+            self.attempts += 1
+            self.received, self.pieces = b"", 0
+
+        def write(self, piece):
+            self.pieces += 1
+            if self.attempts == 1 and self.pieces == 2:
+                raise ConnectionResetError("cut")
+            self.received += piece
+
+    sink = Flaky()
+    got = storage.stream_range(fs, path, 1000, len(data) + 50, path, retries=2, sink=sink)
+    assert sink.attempts == 2 and sink.received == data[1000:] and got == len(data) - 1000
+
+
+def test_cache_entries_streamed_through_storage_faults_are_whole_and_nothing_is_left_behind(s3_bucket, s3_env,
+                                                                                          tmp_path):
+    """Errors, resets, stalls and truncated bodies on a third of the GETs: every record batch ends up in the
+    cache with its index's length and CRC32, and no temporary file or claim remains."""
+    from tests.dataloaders.fault_proxy import FaultProxy
+
+    url = write_small(f"{s3_bucket}/ds", n=96, shard_rows=32, batch_rows=8)
+    with FaultProxy(s3_env, period=3, stall_s=2.0) as proxy:
+        options = {"endpoint_url": proxy.url}
+        ds = open_dataset(url, storage_options=options, retries=8, timeout_s=1.0)
+        index = ds.record_batches()
+        cache = BatchCache(str(tmp_path / "node"), ds.manifest.fingerprint)
+        reader = ShardReader(ds.manifest, index, options, retries=8, timeout_s=1.0, cache=cache)
+        out = reader.read_batches(list(range(len(index))))
+        assert sum(proxy.injected.values()) >= 2, proxy.injected
+    assert sorted(out) == list(range(len(index))) and sorted(cache.entries()) == list(range(len(index)))
+    for i in range(len(index)):
+        entry = cache.get(i)
+        assert len(entry) == index.length[i] and zlib.crc32(entry) == index.crc32[i], i
+    assert not list(cache.dir.glob(".tmp-*")) and not list(cache.dir.glob(".claim-*"))
+
+
+def test_a_fetch_that_fails_leaves_no_staged_file_and_no_claim(s3_bucket, tmp_path):
+    import s3fs
+
+    url = write_small(f"{s3_bucket}/ds", n=64, shard_rows=32, batch_rows=8)
+    ds = open_dataset(url)
+    cache = BatchCache(str(tmp_path / "node"), ds.manifest.fingerprint)
+    reader = ShardReader(ds.manifest, ds.record_batches(), retries=0, cache=cache)
+    s3fs.S3FileSystem(skip_instance_cache=True).rm(f"{ds.manifest.root}/{ds.manifest.shards[1].path}")
+    with pytest.raises(StorageAccessError, match=ds.manifest.shards[1].path):
+        reader.read_batches(list(range(len(ds.record_batches()))))  # shard 0's batches come in first
+    assert not list(cache.dir.glob(".tmp-*")) and not list(cache.dir.glob(".claim-*"))
