@@ -2,7 +2,9 @@
 
 One download per node: before fetching a record batch, a process creates its claim file (``O_EXCL``, so
 exactly one process wins); the others wait until the entry appears under its final name. Entries are
-written to a temporary name and renamed into place, so a half-written entry is never read. A claim whose
+written to a temporary name and renamed into place, so a half-written entry is never read. From an object
+store they are written as the GET's body arrives (``StagingSink``), so no buffer of the whole GET is built;
+a process that dies while writing leaves its temporary files to the next one that opens the cache. A claim whose
 owner died (same host, dead pid) or that outlives ``stale_after_s`` is given up: the waiter fetches the
 batch itself (at worst a second download, never a wrong byte). The directory is keyed by the dataset's
 manifest fingerprint, so two datasets, or two versions of one, never collide.
@@ -39,6 +41,7 @@ import pyarrow as pa
 
 _HOST = socket.gethostname()
 OWNER = "owner"  # a temporary cache directory's file naming its owner process: "host pid"
+_TEMPORARY = f".tmp-{_HOST}-"  # prefix of this host's entries being written, then "<pid>-"
 
 
 class BatchCache:
@@ -52,6 +55,7 @@ class BatchCache:
         self._estimate: int | None = None  # bytes in the cache as this process last counted, plus its own puts
         self._budget_lock = threading.Lock()
         self.opened = time.time()  # entries modified since were written (verified) by live processes
+        self._remove_orphans()
 
 
     def _path(self, batch: int) -> Path:
@@ -152,8 +156,17 @@ class BatchCache:
                     self.evict(keep=batch)
 
     def _temporary(self, batch: int) -> Path:
-        """A fresh name for an entry being written: hidden, and unique to this process and call."""
-        return self.dir / f".tmp-{os.getpid()}-{secrets.token_hex(4)}-{self._path(batch).name}"
+        """A fresh name for an entry being written: hidden, and unique to this host, process and call."""
+        return self.dir / f"{_TEMPORARY}{os.getpid()}-{secrets.token_hex(4)}-{self._path(batch).name}"
+
+    def _remove_orphans(self) -> None:
+        """Delete the temporary files of this host's processes that died while writing (a killed rank or
+        worker): nothing else would, and a GET's batches stay staged while it streams."""
+        for entry in os.scandir(self.dir):
+            if entry.name.startswith(_TEMPORARY):
+                pid = entry.name[len(_TEMPORARY):].split("-", 1)[0]
+                if owner_gone([_HOST, pid]):
+                    Path(entry.path).unlink(missing_ok=True)
 
     def stager(self, pieces: list[tuple[int, int, int]]) -> StagingSink:
         """A sink for one ranged GET (``storage.stream_range``) covering the record batches ``pieces``:

@@ -338,3 +338,18 @@ def test_a_fetch_that_fails_leaves_no_staged_file_and_no_claim(s3_bucket, tmp_pa
     with pytest.raises(StorageAccessError, match=ds.manifest.shards[1].path):
         reader.read_batches(list(range(len(ds.record_batches()))))  # shard 0's batches come in first
     assert not list(cache.dir.glob(".tmp-*")) and not list(cache.dir.glob(".claim-*"))
+
+
+def test_entries_being_written_by_a_process_that_died_are_removed_when_the_cache_opens(tmp_path):
+    dead = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
+    dead.start()
+    dead.join()
+    cache = BatchCache(str(tmp_path), "f" * 16)
+    host = socket.gethostname()
+    names = {"dead": f".tmp-{host}-{dead.pid}-00ff-000000003.arrow-batch",
+             "alive": cache._temporary(3).name,
+             "elsewhere": f".tmp-other-host-{dead.pid}-00ff-000000003.arrow-batch"}
+    for name in names.values():
+        (cache.dir / name).write_bytes(b"partial")
+    BatchCache(str(tmp_path), "f" * 16)  # another process of the node opens it
+    assert sorted(p.name for p in cache.dir.iterdir()) == sorted([names["alive"], names["elsewhere"]])
