@@ -41,7 +41,7 @@ import pyarrow as pa
 
 _HOST = socket.gethostname()
 OWNER = "owner"  # a temporary cache directory's file naming its owner process: "host pid"
-_TEMPORARY = f".tmp-{_HOST}-"  # prefix of this host's entries being written, then "<pid>-"
+_TEMPORARY = f".tmp-{_HOST}@"  # prefix of this host's entries being written, then "<pid>-" ("@": no hostname has it)
 
 
 class BatchCache:
@@ -142,7 +142,10 @@ class BatchCache:
                 return  # larger than the whole budget: never cached
             path = self._path(batch)
             if isinstance(data, Staged):
-                os.replace(data.path, path)
+                try:
+                    os.replace(data.path, path)
+                except FileNotFoundError:  # removed by another process meanwhile: the caller has it mapped
+                    return
             else:
                 tmp = self._temporary(batch)
                 write_in_pieces(tmp, data)
@@ -161,11 +164,18 @@ class BatchCache:
 
     def _remove_orphans(self) -> None:
         """Delete the temporary files of this host's processes that died while writing (a killed rank or
-        worker): nothing else would, and a GET's batches stay staged while it streams."""
+        worker): nothing else would, and a GET's batches stay staged while it streams. Only files untouched
+        for ``stale_after_s``: a process of another PID namespace (a container sharing the directory under
+        the same hostname) may look dead and still be writing."""
+        now = time.time()
         for entry in os.scandir(self.dir):
             if entry.name.startswith(_TEMPORARY):
                 pid = entry.name[len(_TEMPORARY):].split("-", 1)[0]
-                if owner_gone([_HOST, pid]):
+                try:
+                    idle = now - entry.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if idle > self.stale_after_s and owner_gone([_HOST, pid]):
                     Path(entry.path).unlink(missing_ok=True)
 
     def stager(self, pieces: list[tuple[int, int, int]]) -> StagingSink:
@@ -329,15 +339,24 @@ def owner_gone(owner: list[str]) -> bool:
     return False
 
 
+_UNOWNED_AFTER_S = 600.0  # a temporary cache without its owner file for this long is left over
+
+
 def temporary_cache(prefix: str = "flowscale-loader-") -> str:
     """A new temporary cache directory owned by this process; first removes those whose owner on this host
-    died (a killed rank cannot remove its own)."""
+    died (a killed rank cannot remove its own), and those without an owner file for ``_UNOWNED_AFTER_S``."""
     parent = Path(tempfile.gettempdir())
     for entry in parent.glob(f"{prefix}*"):
         try:
             gone = owner_gone((entry / OWNER).read_text().split())
-        except (FileNotFoundError, NotADirectoryError, PermissionError):
-            continue  # not one of ours, or still being created
+        except FileNotFoundError:
+            # still being created, or what a fetch still streaming wrote after its owner removed it
+            try:
+                gone = entry.is_dir() and time.time() - entry.stat().st_mtime > _UNOWNED_AFTER_S
+            except FileNotFoundError:
+                continue
+        except (NotADirectoryError, PermissionError):
+            continue  # not one of ours
         if gone:
             shutil.rmtree(entry, ignore_errors=True)
     directory = tempfile.mkdtemp(prefix=prefix, dir=parent)

@@ -160,6 +160,11 @@ class RangeSink(Protocol):
 STREAM_PIECE = 256 << 10  # bytes handed to a sink at a time, at most
 
 
+class SinkError(RuntimeError):
+    """A sink could not take what a GET returned (a full or unwritable local disk): not the store's fault,
+    so never retried, and reported with the sink's own error rather than as a storage one."""
+
+
 def can_stream(fs: fsspec.AbstractFileSystem) -> bool:
     """Whether ``stream_range`` streams for ``fs`` (s3fs) rather than reading the range whole."""
     return callable(getattr(fs, "_call_s3", None)) and getattr(fs, "loop", None) is not None
@@ -185,20 +190,27 @@ def stream_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int,
                                          **version_kw)
         except OSError as e:
             if _unsatisfiable(e):
-                sink.begin()
+                _deliver(sink.begin)
                 return 0
             raise
         body, delivered = response["Body"], 0
         try:
-            sink.begin()
+            _deliver(sink.begin)
             while piece := await body.read(STREAM_PIECE):
-                sink.write(piece)
+                _deliver(sink.write, piece)
                 delivered += len(piece)
         finally:
             body.close()
         return delivered
 
-    return with_retries(lambda: fsspec.asyn.sync(fs.loop, get), url, retries, cancel=cancel)
+    def _deliver(call: Callable, *args: Any) -> None:
+        try:
+            call(*args)
+        except Exception as e:  # noqa: BLE001 - whatever the sink raises is the sink's
+            raise SinkError(f"{url}: could not store what the GET returned: {type(e).__name__}: {e}") from e
+
+    return with_retries(lambda: fsspec.asyn.sync(fs.loop, get), url, retries, cancel=cancel,
+                        is_transient=lambda e: not isinstance(e, SinkError))
 
 
 def _unsatisfiable(err: OSError) -> bool:

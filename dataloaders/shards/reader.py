@@ -154,7 +154,7 @@ class ShardReader:
         first = self._fetch(ids)
         try:
             for i in ids:
-                data, short = first.pop(i)
+                data, short = first[i]
                 problem = self._problem(i, data, short)
                 if problem is not None:
                     log.warning("%s: %s; fetching it again", self._where(i), problem)
@@ -203,10 +203,10 @@ class ShardReader:
                     sink = self.cache.stager([(i, s - start, int(ix.length[i])) for i, s in members])
                     try:
                         got = storage.stream_range(*where, self.retries, sink, self.closed)
+                        pieces = sink.finish()
                     except BaseException:
                         sink.discard()
                         raise
-                    pieces = sink.finish()
                 else:
                     blob = storage.read_range(*where, self.retries, self.closed)
                     got, buffer = len(blob), blob if isinstance(blob, pa.Buffer) else pa.py_buffer(blob)

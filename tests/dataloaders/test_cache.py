@@ -3,6 +3,7 @@ bounded cache that evicts by the known future order."""
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import socket
@@ -18,7 +19,7 @@ import pytest
 from dataloaders import open_dataset
 from dataloaders.cache import BatchCache, temporary_cache
 from dataloaders.dataset import ReadOptions
-from dataloaders.errors import StorageAccessError
+from dataloaders.errors import CorruptShardError, StorageAccessError
 from dataloaders.sampler.order import GlobalOrder
 from dataloaders.shards.reader import ShardReader
 from tests.dataloaders.conftest import write_small
@@ -198,6 +199,9 @@ def test_a_temporary_cache_whose_process_died_is_removed_by_the_next_one(tmp_pat
         (tmp_path / f"flowscale-loader-{name}" / "ab").mkdir(parents=True)
         (tmp_path / f"flowscale-loader-{name}" / "owner").write_text(owner)
     (tmp_path / "flowscale-loader-starting").mkdir()  # its owner file is not written yet
+    leftover = tmp_path / "flowscale-loader-leftover"  # what a fetch wrote after its owner removed the cache
+    (leftover / "ab").mkdir(parents=True)
+    os.utime(leftover, (time.time() - 700, time.time() - 700))
     new = Path(temporary_cache())
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["flowscale-loader-alive", "flowscale-loader-elsewhere", "flowscale-loader-starting", new.name])
@@ -241,7 +245,8 @@ def test_a_streamed_range_is_staged_batch_by_batch_whatever_the_pieces(tmp_path)
     """Record batches written to the cache as a GET's body arrives: each file holds exactly its batch's bytes,
     its CRC32 computed on the way, the bytes after the last batch (a shard's footer) dropped, whatever the
     sizes of the pieces the socket delivers; a new attempt starts clean."""
-    rng = np.random.default_rng()
+    seed = int(np.random.SeedSequence().entropy % 2**32)
+    rng = np.random.default_rng(seed)
     cache = BatchCache(str(tmp_path), "f" * 16)
     lengths = rng.integers(1, 5000, size=5)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
@@ -250,7 +255,9 @@ def test_a_streamed_range_is_staged_batch_by_batch_whatever_the_pieces(tmp_path)
     sink.begin()
     sink.write(body[:7000])  # a failed attempt: its files are removed by the next begin()
     sink.begin()
-    cuts = np.sort(rng.choice(np.arange(1, len(body)), size=20, replace=False))
+    # random cuts, and cuts exactly on the batches' boundaries and one byte either side of two of them
+    cuts = np.unique(np.concatenate([rng.choice(np.arange(1, len(body)), size=20, replace=False), offsets[1:],
+                                     offsets[2:4] - 1, offsets[2:4] + 1]))
     for piece in np.split(np.frombuffer(body, np.uint8), cuts):
         sink.write(piece.tobytes())
     staged = sink.finish()
@@ -258,8 +265,8 @@ def test_a_streamed_range_is_staged_batch_by_batch_whatever_the_pieces(tmp_path)
     assert len(list(tmp_path.rglob(".tmp-*"))) == 5
     for k, (o, n) in enumerate(zip(offsets, lengths)):
         want = body[o:o + n]
-        assert staged[10 + k].buffer.to_pybytes() == want
-        assert staged[10 + k].crc32 == zlib.crc32(want)
+        assert staged[10 + k].buffer.to_pybytes() == want, f"batch {10 + k}, seed {seed}"
+        assert staged[10 + k].crc32 == zlib.crc32(want), f"batch {10 + k}, seed {seed}"
     cache.put(12, staged[12])  # published by rename
     assert cache.get(12).to_pybytes() == body[offsets[2]:offsets[2] + lengths[2]]
     sink.discard()
@@ -275,40 +282,69 @@ def test_an_object_that_ends_early_leaves_its_batches_short(tmp_path):
     assert [len(staged[i]) for i in range(3)] == [100, 50, 0]
 
 
-def test_a_get_that_fails_mid_body_is_retried_from_its_start(s3_bucket):
-    """A body cut short (here: its sink raising on the first attempt's second piece) is fetched again
-    whole, the sink told to start over."""
+def test_a_body_cut_short_is_fetched_again_from_its_start(s3_bucket, s3_env):
+    """A GET whose body the connection cuts half-way (the fault proxy's truncation) is retried whole, the
+    sink told to start over; it ends up with exactly the range."""
     import s3fs
 
     from dataloaders import storage
+    from tests.dataloaders.fault_proxy import FaultProxy
 
-    fs = s3fs.S3FileSystem(skip_instance_cache=True)
     data = np.random.default_rng().integers(0, 256, size=3 * storage.STREAM_PIECE + 123, dtype=np.uint8).tobytes()
     path = f"{s3_bucket.removeprefix('s3://')}/object"
-    fs.pipe_file(path, data)
+    s3fs.S3FileSystem(skip_instance_cache=True).pipe_file(path, data)
 
-    class Flaky:
+    class Recording:
         attempts, received = 0, b""
 
         def begin(self):
             self.attempts += 1
-            self.received, self.pieces = b"", 0
+            self.received = b""
 
         def write(self, piece):
-            self.pieces += 1
-            if self.attempts == 1 and self.pieces == 2:
-                raise ConnectionResetError("cut")
             self.received += piece
 
-    sink = Flaky()
-    got = storage.stream_range(fs, path, 1000, len(data) + 50, path, retries=2, sink=sink)
+    with FaultProxy(s3_env, period=2) as proxy:
+        proxy._rotation = itertools.repeat("truncate")
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=proxy.url)
+        fs.info(path)  # request 1; the GET is request 2, cut short; its retry, request 3, is whole
+        sink = Recording()
+        got = storage.stream_range(fs, path, 1000, len(data) + 50, path, retries=2, sink=sink)
+        assert proxy.injected == {"truncate": 1}
     assert sink.attempts == 2 and sink.received == data[1000:] and got == len(data) - 1000
+
+
+def test_a_sink_that_cannot_write_fails_the_read_at_once_naming_its_error(s3_bucket):
+    """A full or unwritable cache disk is not a storage fault: no retry, and the sink's error, not a
+    storage one, reaches the user."""
+    import s3fs
+
+    from dataloaders import storage
+
+    path = f"{s3_bucket.removeprefix('s3://')}/object"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.pipe_file(path, b"x" * 1000)
+
+    class Full:
+        attempts = 0
+
+        def begin(self):
+            self.attempts += 1
+
+        def write(self, piece):
+            raise OSError(28, "No space left on device", "/cache/.tmp-entry")
+
+    sink = Full()
+    with pytest.raises(storage.SinkError, match="No space left on device.*/cache/.tmp-entry"):
+        storage.stream_range(fs, path, 0, 1000, f"s3://{path}", retries=3, sink=sink)
+    assert sink.attempts == 1
 
 
 def test_cache_entries_streamed_through_storage_faults_are_whole_and_nothing_is_left_behind(s3_bucket, s3_env,
                                                                                           tmp_path):
     """Errors, resets, stalls and truncated bodies on a third of the GETs: every record batch ends up in the
     cache with its index's length and CRC32, and no temporary file or claim remains."""
+    from dataloaders import storage
     from tests.dataloaders.fault_proxy import FaultProxy
 
     url = write_small(f"{s3_bucket}/ds", n=96, shard_rows=32, batch_rows=8)
@@ -318,6 +354,7 @@ def test_cache_entries_streamed_through_storage_faults_are_whole_and_nothing_is_
         index = ds.record_batches()
         cache = BatchCache(str(tmp_path / "node"), ds.manifest.fingerprint)
         reader = ShardReader(ds.manifest, index, options, retries=8, timeout_s=1.0, cache=cache)
+        assert storage.can_stream(reader.fs)  # the bodies are staged as they arrive
         out = reader.read_batches(list(range(len(index))))
         assert sum(proxy.injected.values()) >= 2, proxy.injected
     assert sorted(out) == list(range(len(index))) and sorted(cache.entries()) == list(range(len(index)))
@@ -346,10 +383,57 @@ def test_entries_being_written_by_a_process_that_died_are_removed_when_the_cache
     dead.join()
     cache = BatchCache(str(tmp_path), "f" * 16)
     host = socket.gethostname()
-    names = {"dead": f".tmp-{host}-{dead.pid}-00ff-000000003.arrow-batch",
+    names = {"dead": f".tmp-{host}@{dead.pid}-00ff-000000003.arrow-batch",
+             "dead, just written": f".tmp-{host}@{dead.pid}-00fe-000000004.arrow-batch",
              "alive": cache._temporary(3).name,
-             "elsewhere": f".tmp-other-host-{dead.pid}-00ff-000000003.arrow-batch"}
+             "elsewhere": f".tmp-{host}-2@{dead.pid}-00ff-000000003.arrow-batch"}
     for name in names.values():
         (cache.dir / name).write_bytes(b"partial")
-    BatchCache(str(tmp_path), "f" * 16)  # another process of the node opens it
-    assert sorted(p.name for p in cache.dir.iterdir()) == sorted([names["alive"], names["elsewhere"]])
+    old = time.time() - 200
+    for name in ("dead", "alive", "elsewhere"):
+        os.utime(cache.dir / names[name], (old, old))
+    BatchCache(str(tmp_path), "f" * 16, stale_after_s=120)  # another process of the node opens it
+    assert sorted(p.name for p in cache.dir.iterdir()) == sorted(
+        [names["dead, just written"], names["alive"], names["elsewhere"]])
+
+
+def test_a_corrupt_record_batch_from_s3_leaves_no_staged_copy_and_its_neighbours_are_cached(s3_bucket, tmp_path):
+    import s3fs
+
+    url = write_small(f"{s3_bucket}/ds", n=64, shard_rows=32, batch_rows=8)
+    ds = open_dataset(url)
+    index = ds.record_batches()
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    shard = f"{ds.manifest.root}/{ds.manifest.shards[0].path}"
+    data = bytearray(fs.cat_file(shard))
+    data[int(index.offset[1] + index.length[1]) - 16] ^= 0x01  # record batch 1, in its last buffer
+    fs.pipe_file(shard, bytes(data))
+    cache = BatchCache(str(tmp_path / "node"), ds.manifest.fingerprint)
+    out = ShardReader(ds.manifest, index, cache=cache).read_batches([0, 1, 2])
+    assert isinstance(out[1], CorruptShardError) and "record batch 1" in str(out[1])
+    assert out[0].columns["sample_id"].tolist() == list(range(8)) and sorted(cache.entries()) == [0, 2]
+    assert not list(cache.dir.glob(".tmp-*")) and not list(cache.dir.glob(".claim-*"))
+
+
+def test_a_staged_entry_over_the_whole_budget_is_dropped_not_published(tmp_path):
+    cache = BatchCache(str(tmp_path), "f" * 16, max_bytes=100)
+    sink = cache.stager([(7, 0, 200)])
+    sink.begin()
+    sink.write(b"y" * 200)
+    cache.put(7, sink.finish()[7])
+    assert cache.entries() == {} and not list(cache.dir.glob(".tmp-*"))
+
+
+def test_a_get_cut_short_on_its_last_attempt_leaves_nothing_staged(s3_bucket, s3_env, tmp_path):
+    from tests.dataloaders.fault_proxy import FaultProxy
+
+    url = write_small(f"{s3_bucket}/ds", n=64, shard_rows=64, batch_rows=8)
+    ds = open_dataset(url)
+    cache = BatchCache(str(tmp_path / "node"), ds.manifest.fingerprint)
+    with FaultProxy(s3_env, period=1) as proxy:
+        proxy._rotation = itertools.repeat("truncate")  # every body cut in half
+        reader = ShardReader(ds.manifest, ds.record_batches(), {"endpoint_url": proxy.url}, retries=0, cache=cache)
+        with pytest.raises(StorageAccessError, match=ds.manifest.shards[0].path):
+            reader.read_batches(list(range(8)))
+        assert proxy.injected["truncate"] >= 1
+    assert not list(cache.dir.glob(".tmp-*")) and not list(cache.dir.glob(".claim-*"))
