@@ -26,14 +26,14 @@ FAULTS = ("error", "reset", "stall", "truncate")
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, period: int = 3, stall_s: float = 3.0):
+    def __init__(self, upstream: str, period: int = 3, stall_s: float = 3.0, faults: tuple[str, ...] = FAULTS):
         self.upstream = urlparse(upstream)
         self.period = period
         self.stall_s = stall_s
         self.injected: Counter = Counter()
         self.requests = 0
         self._lock = threading.Lock()
-        self._rotation = itertools.cycle(FAULTS)
+        self._rotation = itertools.cycle(faults)  # the faults drawn, in turn
         self._pending_truncations = 0
         proxy = self
 

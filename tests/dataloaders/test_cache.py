@@ -3,7 +3,6 @@ bounded cache that evicts by the known future order."""
 
 from __future__ import annotations
 
-import itertools
 import multiprocessing
 import os
 import socket
@@ -304,8 +303,7 @@ def test_a_body_cut_short_is_fetched_again_from_its_start(s3_bucket, s3_env):
         def write(self, piece):
             self.received += piece
 
-    with FaultProxy(s3_env, period=2) as proxy:
-        proxy._rotation = itertools.repeat("truncate")
+    with FaultProxy(s3_env, period=2, faults=("truncate",)) as proxy:
         fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=proxy.url)
         fs.info(path)  # request 1; the GET is request 2, cut short; its retry, request 3, is whole
         sink = Recording()
@@ -430,8 +428,7 @@ def test_a_get_cut_short_on_its_last_attempt_leaves_nothing_staged(s3_bucket, s3
     url = write_small(f"{s3_bucket}/ds", n=64, shard_rows=64, batch_rows=8)
     ds = open_dataset(url)
     cache = BatchCache(str(tmp_path / "node"), ds.manifest.fingerprint)
-    with FaultProxy(s3_env, period=1) as proxy:
-        proxy._rotation = itertools.repeat("truncate")  # every body cut in half
+    with FaultProxy(s3_env, period=1, faults=("truncate",)) as proxy:  # every body cut in half
         reader = ShardReader(ds.manifest, ds.record_batches(), {"endpoint_url": proxy.url}, retries=0, cache=cache)
         with pytest.raises(StorageAccessError, match=ds.manifest.shards[0].path):
             reader.read_batches(list(range(8)))
