@@ -4,8 +4,8 @@ One download per node: before fetching a record batch, a process creates its cla
 exactly one process wins); the others wait until the entry appears under its final name. Entries are
 written to a temporary name and renamed into place, so a half-written entry is never read. From an object
 store they are written as the GET's body arrives (``StagingSink``), so no buffer of the whole GET is built;
-a process that dies while writing leaves its temporary files to the next one that opens the cache. A claim whose
-owner died (same host, dead pid) or that outlives ``stale_after_s`` is given up: the waiter fetches the
+a process that dies while writing leaves its temporary files to the next one that opens the cache. A claim
+whose owner died (same host, dead pid) or that outlives ``stale_after_s`` is given up: the waiter fetches the
 batch itself (at worst a second download, never a wrong byte). The directory is keyed by the dataset's
 manifest fingerprint, so two datasets, or two versions of one, never collide.
 
@@ -308,10 +308,10 @@ WRITE_PIECE = 256 << 10
 
 
 def write_in_pieces(path: Path, data: bytes | pa.Buffer) -> None:
-    """Write ``data`` to a new file ``path`` in writes of ``WRITE_PIECE`` bytes. A single write of several MiB
-    lets the kernel fill the page cache with large folios; on a VM whose freed memory goes back to the host
-    (virtio-balloon free page reporting) those come from host-released blocks, and one entry's write then
-    costs about three times the system time (docs/PERFORMANCE.md)."""
+    """Write ``data`` to a new file ``path`` in writes of ``WRITE_PIECE`` bytes. On the VM the loader was
+    measured on (virtio-balloon free page reporting), writing 1 GB in 8 MiB writes cost two to four times
+    the system time of 256 KiB writes, likely because large writes get large page-cache folios, carved from
+    blocks the host had taken back (``benchmarks/cache_writes.py``, docs/PERFORMANCE.md)."""
     view = memoryview(data)
     fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     try:

@@ -166,21 +166,16 @@ class SinkError(RuntimeError):
 
 
 def can_stream(fs: fsspec.AbstractFileSystem) -> bool:
-    """Whether ``stream_range`` streams for ``fs`` (s3fs) rather than reading the range whole."""
+    """Whether ``stream_range`` can read from ``fs`` (s3fs: its client and event loop are used directly)."""
     return callable(getattr(fs, "_call_s3", None)) and getattr(fs, "loop", None) is not None
 
 
 def stream_range(fs: fsspec.AbstractFileSystem, path: str, start: int, end: int, url: str, retries: int,
                  sink: RangeSink, cancel: threading.Event | None = None) -> int:
-    """Bytes [start, end) of an object, one ranged GET, handed to ``sink`` as they arrive (fewer if the
-    object is shorter); the number of bytes delivered. No buffer of the whole range is built: the caller
-    writes each piece where it belongs. A failed attempt is retried from the range's start, after
-    ``sink.begin()``. Filesystems other than s3fs read the range whole and hand it over as one piece."""
-    if not can_stream(fs):
-        data = read_range(fs, path, start, end, url, retries, cancel)
-        sink.begin()
-        sink.write(data)
-        return len(data)
+    """Bytes [start, end) of an object of an s3fs filesystem (``can_stream``), one ranged GET, handed to
+    ``sink`` as they arrive (fewer if the object is shorter); the number of bytes delivered. No buffer of
+    the whole range is built: the sink writes each piece where it belongs. A failed attempt is retried from
+    the range's start, after ``sink.begin()``."""
     bucket, key, version = fs.split_path(path)
     version_kw = {"VersionId": version} if version else {}
 

@@ -275,7 +275,8 @@ class ShardReader:
         ix = self.index
         info = self.manifest.shards[int(ix.shard[i])]
         url = self.url_of(info)
-        buffer = pa.py_buffer(data) if isinstance(data, bytes) else data.buffer if isinstance(data, Staged) else data
+        data = data.buffer if isinstance(data, Staged) else data
+        buffer = pa.py_buffer(data) if isinstance(data, bytes) else data
         try:
             if ix.whole_shards:
                 return decode(buffer, info, self.manifest.columns, url)
